@@ -1,0 +1,32 @@
+"""ComfyUI nodes of comfyui-onestep-sr: thin adapters over ``osd_core`` (DESIGN.md "Node catalogue")."""
+
+from .colorfix import OneStepSRColorFix
+from .conditioning import OneStepSRTextConditioning
+from .decode import OneStepSRDecode
+from .denoise import OneStepSRDenoise
+from .encode import OneStepSREncode
+from .loader import OneStepSRLoadModel
+from .noise import OneStepSRGaussianNoise
+from .timestep import OneStepSRTimestep
+
+NODE_CLASS_MAPPINGS = {
+    "OneStepSRLoadModel": OneStepSRLoadModel,
+    "OneStepSREncode": OneStepSREncode,
+    "OneStepSRTimestep": OneStepSRTimestep,
+    "OneStepSRGaussianNoise": OneStepSRGaussianNoise,
+    "OneStepSRTextConditioning": OneStepSRTextConditioning,
+    "OneStepSRDenoise": OneStepSRDenoise,
+    "OneStepSRDecode": OneStepSRDecode,
+    "OneStepSRColorFix": OneStepSRColorFix,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "OneStepSRLoadModel": "OneStep SR Load Model",
+    "OneStepSREncode": "OneStep SR Encode",
+    "OneStepSRTimestep": "OneStep SR Timestep",
+    "OneStepSRGaussianNoise": "OneStep SR Gaussian Noise",
+    "OneStepSRTextConditioning": "OneStep SR Text Conditioning",
+    "OneStepSRDenoise": "OneStep SR One-Step Denoise",
+    "OneStepSRDecode": "OneStep SR Decode",
+    "OneStepSRColorFix": "OneStep SR Color Fix",
+}

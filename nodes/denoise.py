@@ -1,0 +1,50 @@
+"""One-step denoise: latent + conditioning + timestep (+ noise) -> the U-Net -> x̂₀ as OSD_LATENT."""
+
+from __future__ import annotations
+
+from ..osd_core.onestep import one_step_denoise
+from . import comfy_glue as glue
+
+
+class OneStepSRDenoise:
+    DESCRIPTION = (
+        "The one U-Net step: z_t = z (or alpha_t z + sigma_t noise when noise is connected), eps = UNet(z_t, t, c) on "
+        "gaussian-blended latent tiles, then x0 by the bundle's parameterisation. Progress is reported per tile and "
+        "the run can be cancelled between tiles."
+    )
+    CATEGORY = glue.CATEGORY
+    RETURN_TYPES = ("OSD_LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "denoise"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("OSD_MODEL", {"tooltip": "From Load model."}),
+                "latent": ("OSD_LATENT", {"tooltip": "From Encode."}),
+                "conditioning": ("OSD_COND", {"tooltip": "From Text conditioning (or Visual prompt)."}),
+                "timestep": ("OSD_TIMESTEP", {"tooltip": "From Timestep (or another timestep source)."}),
+                "tile_size": ("INT", {"default": 96, "min": 8, "max": 1024, "step": 8,
+                                      "tooltip": "Latent tile in latent px (96 = 768 image px). Tiling only "
+                                                 "happens when the latent is larger."}),
+                "tile_overlap": ("INT", {"default": 32, "min": 0, "max": 1016, "step": 8,
+                                         "tooltip": "Overlap of latent tiles; must be smaller than tile_size."}),
+            },
+            "optional": {
+                "noise": ("OSD_NOISE", {"tooltip": "Noise to start from (Gaussian, Sobel-weighted, CHARIOT mix). "
+                                                   "Without it the latent itself is the U-Net input."}),
+            },
+        }
+
+    def denoise(self, model, latent, conditioning, timestep, tile_size, tile_overlap, noise=None):
+        batch = latent.batch
+        unet = model.components.unet
+        with glue.on_device(unet):
+            z0 = one_step_denoise(
+                unet, model.components.schedule, model.parameterisation, latent.z,
+                conditioning.for_batch(batch), timestep.for_batch(batch),
+                noise=noise.for_latent(latent) if noise is not None else None,
+                tile_latent=tile_size, overlap_latent=tile_overlap, callback=glue.progress_callback(),
+            )
+        return (latent.with_z(z0),)

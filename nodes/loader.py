@@ -1,0 +1,45 @@
+"""Load model: base SD (checkpoint file or diffusers folder) + adapter bundle -> OSD_MODEL."""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+
+from ..osd_core.models import resolve_dtype
+from ..osd_core.osd_model import load_osd_model
+from . import comfy_glue as glue
+
+
+class OneStepSRLoadModel:
+    DESCRIPTION = (
+        "Loads a Stable Diffusion 2.1-base class model and a OneStep SR adapter bundle (models/onestep_sr). "
+        "The bundle's method (OSEDiff, TADSR, CODSR, IDaS-SR, RCOD) decides the parameterisation and defaults; "
+        "with bundle 'none' the base model runs as plain SD, which is useful to check a graph's wiring."
+    )
+    CATEGORY = glue.CATEGORY
+    RETURN_TYPES = ("OSD_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "base_model": (glue.base_model_names(), {
+                    "tooltip": "SD 2.1-base (or SD-Turbo) as a single-file checkpoint from models/checkpoints or a "
+                               "diffusers folder from models/diffusers."}),
+                "bundle": (glue.bundle_names(), {
+                    "tooltip": "Adapter bundle from models/onestep_sr (LoRA + method modules). 'none' runs plain SD."}),
+                "dtype": (["auto", "fp32", "fp16", "bf16"], {
+                    "default": "auto",
+                    "tooltip": "Weights' precision. auto: fp32 on CPU, bf16 on GPUs that support it, else fp16."}),
+            }
+        }
+
+    def load(self, base_model, bundle, dtype):
+        device = glue.torch_device()
+        torch_dtype = resolve_dtype(dtype, device)
+        model = load_osd_model(glue.resolve_base_model(base_model), glue.resolve_bundle(bundle), dtype=torch_dtype)
+        if dtype == "auto" and device.type != "cpu":
+            # ComfyUI's own choice for VAEs honours --fp32-vae/--bf16-vae and avoids fp16 VAE overflow.
+            model.components.vae.to(dtype=mm.vae_dtype())
+        return (model,)

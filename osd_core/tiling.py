@@ -1,0 +1,107 @@
+"""Gaussian-blended tiling of a dense prediction (SPEC.md §1.3), shared by the U-Net and the tiled VAE.
+
+Tile origins step by (tile − overlap) and the last tile is snapped to end exactly at the border. Each tile's
+prediction is weighted by a separable gaussian, w(x) ∝ exp(−(x − m)² / (2 · 0.01 · T²)) with m = (T − 1)/2 on both
+axes (OSEDiff uses T/2 for y, a quirk we do not copy), and the tiles are averaged: Σ w·pred / Σ w. Tiling only
+happens when the area exceeds one tile (h·w > tile²), as in OSEDiff; otherwise one window covers everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+GAUSSIAN_VAR = 0.01
+
+
+def validate_tiling(tile_latent: int, overlap_latent: int) -> None:
+    """Tile a positive multiple of 8, overlap in [0, tile)."""
+    if tile_latent <= 0 or tile_latent % 8:
+        lower = max(8, tile_latent // 8 * 8)
+        raise ValueError(
+            f"`tile_size` must be a positive multiple of 8; got {tile_latent}. Use {lower} or {lower + 8}."
+        )
+    if not 0 <= overlap_latent < tile_latent:
+        raise ValueError(
+            f"`tile_overlap` ({overlap_latent}) must be at least 0 and smaller than `tile_size` ({tile_latent}); "
+            f"use e.g. {tile_latent // 3 // 8 * 8}."
+        )
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Origins along one axis: steps of (tile − overlap), the last one flush with the end."""
+    tile = min(tile, length)
+    if tile == length:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+@dataclass(frozen=True)
+class TileWindow:
+    """A tile in the coordinates of the tiled tensor's last two dims, end-exclusive."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    def slice(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., self.y0 : self.y1, self.x0 : self.x1]
+
+
+def tile_windows(h: int, w: int, tile: int, overlap: int) -> list[TileWindow]:
+    """Every window covering an (h, w) grid; a single window when h·w <= tile²."""
+    if h * w <= tile * tile:
+        return [TileWindow(0, h, 0, w)]
+    th, tw = min(tile, h), min(tile, w)
+    return [
+        TileWindow(y, y + th, x, x + tw)
+        for y in tile_starts(h, tile, overlap)
+        for x in tile_starts(w, tile, overlap)
+    ]
+
+
+def _axis_weights(n: int, var: float) -> torch.Tensor:
+    x = torch.arange(n, dtype=torch.float64)
+    m = (n - 1) / 2
+    return torch.exp(-((x - m) ** 2) / (2 * var * n * n))  # (n,)
+
+
+def gaussian_weights(h: int, w: int, *, var: float = GAUSSIAN_VAR) -> torch.Tensor:
+    """Separable gaussian blending weights (h, w) float32, peak 1 at the centre."""
+    return torch.outer(_axis_weights(h, var), _axis_weights(w, var)).float()  # (h, w)
+
+
+def blend_tiles(
+    predict: Callable[[TileWindow], torch.Tensor],
+    shape: tuple[int, int, int, int],
+    *,
+    tile_latent: int,
+    overlap_latent: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Σ w·predict(window) / Σ w over the tiles of a (B, C, h, w) prediction; ``callback(done, total)`` per tile."""
+    validate_tiling(tile_latent, overlap_latent)
+    b, c, h, w = shape
+    windows = tile_windows(h, w, tile_latent, overlap_latent)
+    if len(windows) == 1:
+        out = predict(windows[0]).to(device=device, dtype=dtype)  # (B, C, h, w)
+        if callback is not None:
+            callback(1, 1)
+        return out
+    acc = torch.zeros(b, c, h, w, device=device, dtype=torch.float32)  # (B, C, h, w)
+    norm = torch.zeros(1, 1, h, w, device=device, dtype=torch.float32)  # (1, 1, h, w)
+    for done, win in enumerate(windows, start=1):
+        weight = gaussian_weights(win.y1 - win.y0, win.x1 - win.x0).to(device)  # (th, tw)
+        acc[..., win.y0 : win.y1, win.x0 : win.x1] += weight * predict(win).to(device=device, dtype=torch.float32)
+        norm[..., win.y0 : win.y1, win.x0 : win.x1] += weight
+        if callback is not None:
+            callback(done, len(windows))
+    return (acc / norm).to(dtype)  # (B, C, h, w)

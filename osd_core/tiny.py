@@ -1,0 +1,92 @@
+"""Tiny SD-shaped components built in code, for tests and the demo models (no download, tens of ms per forward).
+
+The U-Net keeps SD 2.x's block layout (three cross-attention down blocks and a plain one, mirrored up, linear
+projections), the VAE its ×8 downscale with four levels, the text encoder CLIP's 77-token interface with the real
+49,408-entry vocabulary of the bundled tokenizer; only the widths and depths are small. Random weights, seeded.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .models import SDComponents, base_family, load_tokenizer
+from .schedule import NoiseSchedule
+
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    use_linear_projection=True,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64, 64),
+    norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=64, scaling_factor=0.18215,
+)
+TINY_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
+    max_position_embeddings=77, projection_dim=32, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407,
+    pad_token_id=0,
+)
+
+
+def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> SDComponents:
+    """Random tiny U-Net, VAE and text encoder (seeded) with the bundled tokenizer and the SD schedule."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # module constructors draw from the global RNG; restored below
+    try:
+        unet = UNet2DConditionModel(**TINY_UNET)
+        vae = AutoencoderKL(**TINY_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    for module in (unet, vae, text_encoder):
+        module.to(dtype=dtype).eval().requires_grad_(False)
+    return SDComponents(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), schedule=NoiseSchedule(),
+        family=base_family(unet.config), source="tiny", dtype=dtype,
+    )
+
+
+def save_tiny_diffusers(folder, seed: int = 0) -> SDComponents:
+    """Write tiny components as a diffusers model folder (unet/, vae/, text_encoder/, tokenizer/)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    components = tiny_components(seed)
+    components.unet.save_pretrained(str(folder / "unet"))
+    components.vae.save_pretrained(str(folder / "vae"))
+    components.text_encoder.save_pretrained(str(folder / "text_encoder"))
+    components.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    return components
+
+
+def tiny_bundle(*, method: str = "osediff", rank: int = 4, seed: int = 0, lora_std: float = 0.05):
+    """An OSEDiff-layout bundle (meta, tensors) for the tiny components: U-Net LoRA in the three adapters, VAE encoder
+    LoRA, and the full conv_in, with random non-zero B matrices so the bundle visibly changes the output."""
+    from .adapters import collect_bundle_tensors, inject_bundle_lora
+    from .bundle import BundleMeta
+    from .lora import PEFT_DEFAULT_ALPHA, unet_lora_targets, vae_encoder_lora_targets
+
+    components = tiny_components(seed)
+    lora = {
+        "unet": {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA, "adapters": unet_lora_targets(components.unet)},
+        "vae_encoder": {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA,
+                        "adapters": {"default": vae_encoder_lora_targets(components.vae)}},
+    }
+    meta = BundleMeta(
+        method=method, base_family=components.family, parameterisation="S", lora=lora,
+        modules=("unet_lora", "vae_encoder_lora", "unet_conv_in"),
+        defaults={"timestep": 999, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"},
+        extra={"demo": "random weights: this bundle does not upscale anything"},
+    )
+    inject_bundle_lora(components, lora)
+    generator = torch.Generator().manual_seed(seed + 1)
+    tensors = collect_bundle_tensors(components, meta)
+    for key, value in tensors.items():
+        if ".lora_B." in key:
+            tensors[key] = torch.randn(value.shape, generator=generator) * lora_std
+    return meta, tensors
