@@ -91,7 +91,7 @@ class ComfyRuntime:
             runtime._load_extra_model_paths()
             cls._instance = runtime
             runtime.set_folders(models_dir=models_dir, input_dir=input_dir, output_dir=output_dir)
-            runtime._load_pack()
+            runtime.load_pack(pack_root())
             return runtime
         runtime = cls._instance
         if runtime.comfy_dir != folder:
@@ -110,11 +110,14 @@ class ComfyRuntime:
                 "shadow ComfyUI's nodes.py. Run with `pytest` / `onestep-sr`, not from the pack's folder on sys.path."
             )
         sys.path.insert(0, str(folder))
-        if importlib.util.find_spec("torchvision") is None:
-            logger.info("torchvision is not installed; using the stand-in in %s", SHIM_DIR)
-            sys.path.append(str(SHIM_DIR))
         argv = sys.argv
         sys.argv = [argv[0]] + ([] if _cuda_available() else ["--cpu"])
+        stand_in = importlib.util.find_spec("torchvision") is None
+        if stand_in:
+            # transformers and diffusers decide once whether torchvision exists; let them see the truth first.
+            _preload_model_libraries()
+            logger.info("torchvision is not installed; ComfyUI starts with the stand-in in %s", SHIM_DIR)
+            sys.modules["torchvision"] = _torchvision_stand_in()
         try:
             import comfy.options
 
@@ -124,6 +127,9 @@ class ComfyRuntime:
             import nodes  # noqa: F401
         finally:
             sys.argv = argv
+            if stand_in:
+                # ComfyUI's modules keep their reference; nobody else may mistake the stand-in for torchvision.
+                del sys.modules["torchvision"]
 
     def _load_extra_model_paths(self) -> None:
         """Read ComfyUI's extra_model_paths.yaml the way its main.py does."""
@@ -159,8 +165,8 @@ class ComfyRuntime:
         if output_dir is not None:
             fp.set_output_directory(str(output_dir))
 
-    def _load_pack(self) -> None:
-        root = pack_root()
+    def load_pack(self, root: Path) -> None:
+        """Load a custom-node pack from ``root`` exactly as ComfyUI does; raise with its traceback if that fails."""
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", root.name):
             link_dir = Path(tempfile.mkdtemp(prefix="onestep-sr-pack-"))
             (link_dir / PACK_MODULE_NAME).symlink_to(root, target_is_directory=True)
@@ -210,6 +216,22 @@ class ComfyRuntime:
             raw = {k: (v.outputs if hasattr(v, "outputs") else v) for k, v in raw.items() if v is not None}
         return {node: tuple(slot[0] if isinstance(slot, list) and len(slot) == 1 else slot for slot in slots)
                 for node, slots in raw.items()}
+
+
+def _preload_model_libraries() -> None:
+    """Resolve the lazy imports of diffusers, transformers and peft that the pack uses."""
+    import diffusers.loaders.peft  # noqa: F401
+    import peft  # noqa: F401
+    import transformers.image_utils  # noqa: F401
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel  # noqa: F401
+
+
+def _torchvision_stand_in():
+    spec = importlib.util.spec_from_file_location("torchvision", SHIM_DIR / "torchvision" / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cuda_available() -> bool:

@@ -11,7 +11,7 @@ import torch
 
 from .bundle import Bundle, BundleMeta
 from .lora import inject_lora, load_lora_state_dict, lora_state_dict, merge_lora
-from .models import SDComponents
+from .models import SDComponents, cast
 
 LORA_COMPONENTS = {"unet": "unet_lora", "vae_encoder": "vae_encoder_lora"}
 
@@ -52,7 +52,7 @@ def apply_bundle(components: SDComponents, bundle: Bundle) -> None:
                 raise ValueError(f"bundle {bundle.path!r}: {err}") from err
             merge_lora(host)
     for module in components.modules():
-        module.to(dtype=components.dtype)
+        cast(module, components.dtype)
 
 
 def collect_bundle_tensors(components: SDComponents, meta: BundleMeta) -> dict[str, torch.Tensor]:

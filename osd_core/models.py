@@ -90,8 +90,15 @@ class SDComponents:
         return self
 
 
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast only when needed (diffusers warns on every dtype ``to()`` of some models, even a no-op one)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
 def _prepare(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    return module.to(dtype=dtype).eval().requires_grad_(False)
+    return cast(module, dtype).eval().requires_grad_(False)
 
 
 def load_tokenizer(folder: str | Path | None = None) -> CLIPTokenizer:

@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .models import SDComponents, base_family, load_tokenizer
+from .models import SDComponents, base_family, cast, load_tokenizer
 from .schedule import NoiseSchedule
 
 TINY_UNET = dict(
@@ -44,7 +44,7 @@ def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> SDComp
     finally:
         torch.random.set_rng_state(generator_state)
     for module in (unet, vae, text_encoder):
-        module.to(dtype=dtype).eval().requires_grad_(False)
+        cast(module, dtype).eval().requires_grad_(False)
     return SDComponents(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), schedule=NoiseSchedule(),
         family=base_family(unet.config), source="tiny", dtype=dtype,

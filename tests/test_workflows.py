@@ -1,0 +1,113 @@
+"""The shipped workflows run inside a real ComfyUI (in-process, its own PromptExecutor) on the tiny demo models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import WORKFLOWS, demo_workflow, node_of, write_image
+from osd_comfy.runtime import WorkflowError
+from osd_comfy.workflow_format import build, shipped_workflows, ui_to_api, ui_twin
+
+SHIPPED = [p.name[: -len("_api.json")] for p in shipped_workflows()]
+
+
+def _output(comfy, prompt) -> torch.Tensor:
+    result = comfy.run(prompt)
+    source, slot = prompt[node_of(prompt, "SaveImage")]["inputs"]["images"]
+    return result.outputs[source][slot]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_workflow_runs_with_exact_size_range_and_determinism(comfy, input_dir, name):
+    image = write_image(input_dir, "odd_37x29.png", 37, 29)
+    first = _output(comfy, demo_workflow(name, image))
+    again = _output(comfy, demo_workflow(name, image))
+    assert first.shape == (1, 29 * 4, 37 * 4, 3)
+    assert 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+    assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_ui_twin_is_the_same_graph(comfy, name):
+    api = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    ui = json.loads(ui_twin(WORKFLOWS / f"{name}_api.json").read_text())
+    assert ui_to_api(ui, comfy.node_classes()) == api
+
+
+def test_ui_files_and_templates_are_fresh(comfy):
+    assert build(comfy.node_classes(), check=True) == [], "run: python -m osd_comfy.workflow_format build"
+
+
+def test_float_factor_gives_exact_size(comfy, input_dir):
+    image = write_image(input_dir, "odd_33x21.png", 33, 21)
+    out = _output(comfy, demo_workflow("osediff", image, upscale_factor=2.37))
+    assert out.shape == (1, round(21 * 2.37), round(33 * 2.37), 3)
+
+
+def test_seed_changes_the_sampled_latent(comfy, input_dir):
+    image = write_image(input_dir, "seed.png", 24, 24)
+    a = _output(comfy, demo_workflow("osediff", image, seed=1))
+    b = _output(comfy, demo_workflow("osediff", image, seed=2))
+    assert not torch.equal(a, b)
+
+
+def test_plain_sd_without_bundle_runs(comfy, input_dir):
+    image = write_image(input_dir, "plain.png", 16, 16)
+    prompt = demo_workflow("osediff", image)
+    prompt[node_of(prompt, "OneStepSRLoadModel")]["inputs"]["bundle"] = "none"
+    with_bundle = _output(comfy, demo_workflow("osediff", image))
+    plain = _output(comfy, prompt)
+    assert plain.shape == with_bundle.shape == (1, 64, 64, 3)
+    assert not torch.equal(plain, with_bundle)
+
+
+def test_batch_items_equal_single_runs(comfy, input_dir):
+    first = write_image(input_dir, "batch_a.png", 20, 16, seed=1)
+    second = write_image(input_dir, "batch_b.png", 20, 16, seed=2)
+    prompt = demo_workflow("osediff", first, tile_size=8, tile_overlap=0)
+    loader = node_of(prompt, "LoadImage")
+    prompt["100"] = {"class_type": "LoadImage", "inputs": {"image": second}}
+    prompt["101"] = {"class_type": "ImageBatch", "inputs": {"image1": [loader, 0], "image2": ["100", 0]}}
+    for node in prompt.values():
+        for key, value in node["inputs"].items():
+            if value == [loader, 0] and node["class_type"] != "ImageBatch":
+                node["inputs"][key] = ["101", 0]
+    del prompt[node_of(prompt, "OneStepSREncode")]["inputs"]["mask"]
+    batch = _output(comfy, prompt)
+    assert batch.shape[0] == 2
+    for index, name in enumerate((first, second)):
+        single = _output(comfy, demo_workflow("osediff", name, tile_size=8, tile_overlap=0))
+        torch.testing.assert_close(batch[index:index + 1], single, atol=1e-5, rtol=1e-5)
+
+
+def test_alpha_is_upscaled_and_returned_as_mask(comfy, input_dir):
+    image = write_image(input_dir, "rgba.png", 24, 16, alpha=True)
+    prompt = demo_workflow("osediff", image)
+    result = comfy.run(prompt)
+    mask = result.outputs[node_of(prompt, "OneStepSRDecode")][1]
+    assert mask.shape == (1, 64, 96)
+    # LoadImage's mask is 1 - alpha; the alpha ramps 0 -> 1 left to right, so the mask falls.
+    assert float(mask[0, :, 0].mean()) > 0.9 and float(mask[0, :, -1].mean()) < 0.1
+
+
+def test_bad_tile_size_is_reported_by_the_node(comfy, input_dir):
+    image = write_image(input_dir, "tile.png", 16, 16)
+    with pytest.raises(WorkflowError, match="multiple of 8"):
+        comfy.run(demo_workflow("osediff", image, tile_size=100))
+
+
+def test_pixel_cap_is_reported_with_the_fix(comfy, input_dir):
+    image = write_image(input_dir, "cap.png", 64, 64)  # x4 = 0.065 MP > 0.01 MP
+    with pytest.raises(WorkflowError, match="max_output_megapixels"):
+        comfy.run(demo_workflow("osediff", image, max_output_megapixels=0.01))
+
+
+def test_missing_bundle_is_a_validation_error(comfy, input_dir):
+    image = write_image(input_dir, "missing.png", 16, 16)
+    prompt = demo_workflow("osediff", image)
+    prompt[node_of(prompt, "OneStepSRLoadModel")]["inputs"]["bundle"] = "nope.safetensors"
+    with pytest.raises(WorkflowError, match="bundle"):
+        comfy.run(prompt)
