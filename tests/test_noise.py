@@ -1,0 +1,35 @@
+"""Seeded CPU noise: determinism, batch semantics, seed range."""
+
+import pytest
+import torch
+
+from osd_core.noise import cpu_generator, gaussian_noise
+
+
+def test_same_seed_same_noise_and_different_seed_differs():
+    a = gaussian_noise((4, 5, 6), 7, batch=1, device="cpu", dtype=torch.float32)
+    b = gaussian_noise((4, 5, 6), 7, batch=1, device="cpu", dtype=torch.float32)
+    c = gaussian_noise((4, 5, 6), 8, batch=1, device="cpu", dtype=torch.float32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_every_batch_item_gets_the_single_item_noise():
+    single = gaussian_noise((4, 5, 6), 3, batch=1, device="cpu", dtype=torch.float32)
+    batch = gaussian_noise((4, 5, 6), 3, batch=3, device="cpu", dtype=torch.float32)
+    assert batch.shape == (3, 4, 5, 6) and all(torch.equal(batch[i], single[0]) for i in range(3))
+
+
+def test_is_standard_normal_and_casts():
+    eps = gaussian_noise((4, 64, 64), 0, batch=1, device="cpu", dtype=torch.float16)
+    assert eps.dtype == torch.float16
+    assert abs(eps.float().mean()) < 0.05 and abs(eps.float().std() - 1) < 0.05
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True])
+def test_seed_range(seed):
+    with pytest.raises(ValueError, match="seed"):
+        cpu_generator(seed)
+
+
+def test_largest_seed_is_accepted():
+    assert torch.randn(1, generator=cpu_generator(2**64 - 1)).isfinite().all()

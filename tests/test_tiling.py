@@ -1,0 +1,79 @@
+"""Gaussian-blended latent tiling (SPEC.md §1.3): identity, coverage, placement, weights."""
+
+import itertools
+
+import pytest
+import torch
+
+from osd_core.tiling import TileWindow, blend_tiles, gaussian_weights, tile_starts, tile_windows, validate_tiling
+
+
+def _identity_blend(x, tile, overlap, calls=None):
+    return blend_tiles(lambda w: w.slice(x), tuple(x.shape), tile_latent=tile, overlap_latent=overlap,
+                       device="cpu", dtype=x.dtype, callback=(lambda d, t: calls.append((d, t))) if calls is not None
+                       else None)
+
+
+@pytest.mark.parametrize("size,tile,overlap", [
+    ((37, 53), 16, 8), ((8, 200), 16, 0), ((97, 97), 32, 24), ((37, 53), 8, 0), ((150, 60), 96, 32),
+    ((33, 17), 16, 15), ((200, 8), 8, 4),
+])
+def test_identity_predictor_returns_its_input(size, tile, overlap):
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    # exact up to float32 rounding of the weighted average (a few ulp where many tiles overlap)
+    torch.testing.assert_close(_identity_blend(x, tile, overlap), x, atol=1e-6, rtol=1e-6)
+
+
+def test_every_pixel_covered_and_last_tile_flush():
+    for (h, w), tile, overlap in itertools.product([(37, 53), (16, 100)], [8, 16], [0, 4]):
+        cover = torch.zeros(h, w)
+        windows = tile_windows(h, w, tile, overlap)
+        for win in windows:
+            cover[win.y0:win.y1, win.x0:win.x1] += 1
+        assert bool((cover > 0).all())
+        assert max(win.y1 for win in windows) == h and max(win.x1 for win in windows) == w
+        assert all(win.y1 - win.y0 == min(tile, h) and win.x1 - win.x0 == min(tile, w) for win in windows)
+
+
+def test_tile_starts_step_and_snap():
+    assert tile_starts(100, 32, 8) == [0, 24, 48, 68]
+    assert tile_starts(32, 32, 8) == [0]
+    assert tile_starts(20, 32, 8) == [0]
+
+
+def test_single_window_when_area_fits():
+    assert tile_windows(24, 20, 32, 8) == [TileWindow(0, 24, 0, 20)]
+    assert len(tile_windows(40, 40, 32, 8)) == 4
+
+
+def test_callback_reports_each_tile():
+    calls = []
+    _identity_blend(torch.zeros(1, 1, 40, 40), 16, 8, calls)
+    assert calls == [(i, len(calls)) for i in range(1, len(calls) + 1)] and len(calls) == 16
+
+
+def test_callback_can_cancel():
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        blend_tiles(lambda w: torch.zeros(1, 1, w.y1 - w.y0, w.x1 - w.x0), (1, 1, 40, 40), tile_latent=16,
+                    overlap_latent=8, device="cpu", dtype=torch.float32, callback=stop)
+
+
+def test_gaussian_weights_symmetric_peaked_and_with_var_0_01():
+    w = gaussian_weights(9, 12)
+    assert torch.allclose(w, w.flip(0)) and torch.allclose(w, w.flip(1))
+    assert w[4].argmax() in (5, 6) and w.max() <= 1.0
+    # corner of a 9-px axis: exp(-(4)^2 / (2 * 0.01 * 81))
+    expected = torch.exp(torch.tensor(-16 / (2 * 0.01 * 81)))
+    assert torch.isclose(gaussian_weights(9, 1)[0, 0], expected)
+
+
+def test_bad_tiling_messages_name_the_input_and_a_fix():
+    with pytest.raises(ValueError, match=r"`tile_size` must be a positive multiple of 8; got 100\. Use 96 or 104"):
+        validate_tiling(100, 32)
+    with pytest.raises(ValueError, match="tile_overlap"):
+        validate_tiling(64, 64)
+    with pytest.raises(ValueError, match="tile_overlap"):
+        validate_tiling(64, -8)
