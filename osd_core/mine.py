@@ -300,20 +300,25 @@ class MINE(nn.Module):
         logit = self.tau_head(g).squeeze(1).float()  # (B,) float32: see the module docstring
         return cfg.tau_min + (cfg.tau_max - cfg.tau_min) * torch.sigmoid(logit)  # (B,)
 
-    def forward(self, latent: torch.Tensor) -> MINEOutput:
-        """latent (B, in_channels, h, w) -> MINEOutput; ε_inv has the latent's shape and dtype."""
-        self._check(latent)
+    def _run(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ε_inv (B, C, h, w) in the latent's dtype and g (B, D); pads odd sizes and crops back."""
         h, w = latent.shape[-2:]
         padded = self._pad(latent)  # (B, C, h', w') with h', w' multiples of p
         p = self.config.patch_size
         spatial, g = self._backbone(padded)  # (B, gh·gw, D), (B, D)
         eps_inv = self._unpatchify(spatial, padded.shape[-2] // p, padded.shape[-1] // p)  # (B, C, h', w')
-        eps_inv = eps_inv[..., :h, :w].to(latent.dtype)  # (B, C, h, w)
+        return eps_inv[..., :h, :w].to(latent.dtype), g  # (B, C, h, w), (B, D)
+
+    def forward(self, latent: torch.Tensor) -> MINEOutput:
+        """latent (B, in_channels, h, w) -> MINEOutput; ε_inv has the latent's shape and dtype."""
+        self._check(latent)
+        eps_inv, g = self._run(latent)  # (B, C, h, w), (B, D)
         d = self.d_head(g).to(latent.dtype)  # (B, cond_dim)
         return MINEOutput(eps_inv=eps_inv, tau=self._tau(g), d=d, g=g)
 
-    def estimate_global(self, latent: torch.Tensor, *, max_latent: int | None = None) -> tuple[torch.Tensor,
-                                                                                              torch.Tensor]:
+    def estimate_global(
+        self, latent: torch.Tensor, *, max_latent: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """τ (B,) float32 and d (B, cond_dim) from the latent area-resized to at most ``max_latent`` px a side.
 
         ``max_latent`` defaults to ``config.global_max_latent`` (64). Smaller latents are used as they are.
@@ -339,12 +344,12 @@ class MINE(nn.Module):
         self._check(latent)
         if window is not None:
             window = window if isinstance(window, TileWindow) else TileWindow(*window)
+            h, w = latent.shape[-2:]
+            if not (0 <= window.y0 < window.y1 <= h and 0 <= window.x0 < window.x1 <= w):
+                raise ValueError(
+                    f"`window` must satisfy 0 <= y0 < y1 <= {h} and 0 <= x0 < x1 <= {w} for a latent of shape "
+                    f"{tuple(latent.shape)}; got {window}."
+                )
             latent = window.slice(latent)  # (B, C, th, tw)
-        th, tw = latent.shape[-2:]
-        if th == 0 or tw == 0:
-            raise ValueError(f"`window` {window} selects an empty tile of a latent of shape {tuple(latent.shape)}.")
-        padded = self._pad(latent)  # (B, C, th', tw')
-        p = self.config.patch_size
-        spatial, _ = self._backbone(padded)  # (B, gh·gw, D)
-        eps_inv = self._unpatchify(spatial, padded.shape[-2] // p, padded.shape[-1] // p)  # (B, C, th', tw')
-        return eps_inv[..., :th, :tw].to(latent.dtype)  # (B, C, th, tw)
+        eps_inv, _ = self._run(latent)  # (B, C, th, tw)
+        return eps_inv
