@@ -124,10 +124,11 @@ def upscale(args) -> int:
         had_alpha = "A" in probe.getbands()
     with tempfile.TemporaryDirectory(prefix="onestep-sr-") as tmp:
         shutil.copy(source, Path(tmp) / source.name)
-        runtime = ComfyRuntime.boot(args.comfyui, models_dir=args.models_dir, input_dir=tmp, output_dir=tmp)
+        runtime = ComfyRuntime.boot(args.comfyui, models_dir=args.models_dir)
         _configure(prompt, runtime, args, source.name)
         start = time.perf_counter()
-        result = runtime.run(prompt)
+        with runtime.using_folders(input_dir=tmp, output_dir=tmp):
+            result = runtime.run(prompt)
         seconds = time.perf_counter() - start
     node_id, slot = _save_node_source(prompt)
     width, height = _write_image(result.outputs[node_id][slot], Path(args.out), _alpha_output(prompt, result, had_alpha))

@@ -17,9 +17,10 @@ import re
 import sys
 import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .locate import find_comfyui, pack_root
 
@@ -164,6 +165,17 @@ class ComfyRuntime:
             fp.set_input_directory(str(input_dir))
         if output_dir is not None:
             fp.set_output_directory(str(output_dir))
+
+    @contextmanager
+    def using_folders(self, *, input_dir, output_dir) -> Iterator[None]:
+        """Use these input/output folders for the duration of the block, then restore the previous ones."""
+        fp = self.folder_paths
+        previous = fp.get_input_directory(), fp.get_output_directory()
+        self.set_folders(input_dir=input_dir, output_dir=output_dir)
+        try:
+            yield
+        finally:
+            self.set_folders(input_dir=previous[0], output_dir=previous[1])
 
     def load_pack(self, root: Path) -> None:
         """Load a custom-node pack from ``root`` exactly as ComfyUI does; raise with its traceback if that fails."""

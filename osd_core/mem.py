@@ -145,5 +145,7 @@ class MEM(nn.Module):
 def mem_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L1 between M̂_L and the true M_L (Eq. 6), both (B,) -> scalar."""
     if pred.shape != target.shape:
-        raise ValueError(f"`pred` and `target` must have one shape (B,); got {tuple(pred.shape)} and {tuple(target.shape)}.")
+        raise ValueError(
+            f"`pred` and `target` must have one shape (B,); got {tuple(pred.shape)} and {tuple(target.shape)}."
+        )
     return F.l1_loss(pred, target.to(pred.dtype))

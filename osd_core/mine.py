@@ -293,7 +293,7 @@ class MINE(nn.Module):
     def _unpatchify(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         b, p, c = tokens.shape[0], self.config.patch_size, self.config.in_channels
         x = self.spatial_head(tokens).reshape(b, grid_h, grid_w, p, p, c)  # (B, gh, gw, p, p, C)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, grid_h * p, grid_w * p)  # (B, C, gh·p, gw·p)
+        return x.permute(0, 5, 1, 2, 3, 4).reshape(b, c, grid_h * p, grid_w * p)  # (B, C, gh·p, gw·p)
 
     def _tau(self, g: torch.Tensor) -> torch.Tensor:
         cfg = self.config

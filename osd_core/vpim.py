@@ -81,7 +81,7 @@ def resize_for_clip(x_lq: torch.Tensor, config: VPIMConfig) -> torch.Tensor:
         raise ValueError(f"`x_lq` must be an RGB batch (B, 3, H, W) in [-1, 1]; got shape {tuple(x_lq.shape)}.")
     size = config.image_size
     # fp32: antialiased bicubic has no half-precision kernel on every device.
-    x = F.interpolate(x_lq.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)  # (B, 3, S, S)
+    x = F.interpolate(x_lq.float(), size=(size, size), mode="bicubic", antialias=True)  # (B, 3, S, S)
     # Bicubic overshoots; CLIP saw 8-bit images, so clamp to the displayable range.
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0).to(x_lq.dtype)  # (B, 3, S, S)
 
