@@ -73,6 +73,11 @@ def on_device(*modules: torch.nn.Module) -> Iterator[torch.device]:
             mm.soft_empty_cache()
 
 
+def free_cache() -> None:
+    """Release cached device memory (between out-of-memory retries)."""
+    mm.soft_empty_cache()
+
+
 def progress_callback() -> Callable[[int, int], None]:
     """A ``callback(done, total)`` that drives a ComfyUI progress bar and is the cancel point between tiles."""
     bar = None

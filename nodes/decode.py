@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..osd_core.imageprep import crop_to_frame, to_unit_range
-from ..osd_core.tiling import validate_tiling
+from ..osd_core.tiling import retry_smaller_tiles, validate_tiling
 from ..osd_core.vae import decode_latent
 from . import comfy_glue as glue
 
@@ -37,9 +37,12 @@ class OneStepSRDecode:
     def decode(self, model, latent, vae_tile_size, vae_tile_overlap):
         validate_tiling(vae_tile_size, vae_tile_overlap)
         vae = model.components.vae
+        def run(tile, overlap):
+            return decode_latent(vae, latent.z, tile_latent=tile, overlap_latent=overlap,
+                                 callback=glue.progress_callback())  # (B, 3, Hp, Wp) in [-1, 1]
+
         with glue.on_device(vae):
-            x = decode_latent(vae, latent.z, tile_latent=vae_tile_size, overlap_latent=vae_tile_overlap,
-                              callback=glue.progress_callback())  # (B, 3, Hp, Wp) in [-1, 1]
+            x = retry_smaller_tiles(run, vae_tile_size, vae_tile_overlap, on_retry=glue.free_cache)
         image = to_unit_range(crop_to_frame(x, latent.image.frame))  # (B, 3, H, W) in [0, 1]
         alpha = latent.image.alpha
         mask = 1.0 - alpha[:, 0] if alpha is not None else torch.zeros(image.shape[0], *image.shape[-2:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..osd_core.onestep import one_step_denoise
+from ..osd_core.tiling import retry_smaller_tiles
 from . import comfy_glue as glue
 
 
@@ -10,7 +11,7 @@ class OneStepSRDenoise:
     DESCRIPTION = (
         "The one U-Net step: z_t = z (or alpha_t z + sigma_t noise when noise is connected), eps = UNet(z_t, t, c) on "
         "gaussian-blended latent tiles, then x0 by the bundle's parameterisation. Progress is reported per tile and "
-        "the run can be cancelled between tiles."
+        "the run can be cancelled between tiles. Out of memory, it retries with smaller tiles."
     )
     CATEGORY = glue.CATEGORY
     RETURN_TYPES = ("OSD_LATENT",)
@@ -40,11 +41,15 @@ class OneStepSRDenoise:
     def denoise(self, model, latent, conditioning, timestep, tile_size, tile_overlap, noise=None):
         batch = latent.batch
         unet = model.components.unet
-        with glue.on_device(unet):
-            z0 = one_step_denoise(
+        eps = noise.for_latent(latent) if noise is not None else None
+
+        def run(tile, overlap):
+            return one_step_denoise(
                 unet, model.components.schedule, model.parameterisation, latent.z,
-                conditioning.for_batch(batch), timestep.for_batch(batch),
-                noise=noise.for_latent(latent) if noise is not None else None,
-                tile_latent=tile_size, overlap_latent=tile_overlap, callback=glue.progress_callback(),
+                conditioning.for_batch(batch), timestep.for_batch(batch), noise=eps,
+                tile_latent=tile, overlap_latent=overlap, callback=glue.progress_callback(),
             )
+
+        with glue.on_device(unet):
+            z0 = retry_smaller_tiles(run, tile_size, tile_overlap, on_retry=glue.free_cache)
         return (latent.with_z(z0),)

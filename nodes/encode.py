@@ -6,7 +6,7 @@ import torch
 
 from ..osd_core.datatypes import OSDLatent
 from ..osd_core.imageprep import prepare_image
-from ..osd_core.tiling import validate_tiling
+from ..osd_core.tiling import retry_smaller_tiles, validate_tiling
 from ..osd_core.vae import SAMPLING_MODES, encode_latent
 from . import comfy_glue as glue
 
@@ -72,7 +72,10 @@ class OneStepSREncode:
         pixels = _with_alpha(glue.image_to_bchw(image), mask)
         prepared = prepare_image(pixels, upscale_factor, max_output_pixels=int(max_output_megapixels * 1e6))
         vae = model.components.vae
+        def run(tile, overlap):
+            return encode_latent(vae, prepared.x, sampling=sampling, seed=seed, tile_latent=tile,
+                                 overlap_latent=overlap, callback=glue.progress_callback())
+
         with glue.on_device(vae):
-            z = encode_latent(vae, prepared.x, sampling=sampling, seed=seed, tile_latent=vae_tile_size,
-                              overlap_latent=vae_tile_overlap, callback=glue.progress_callback())
+            z = retry_smaller_tiles(run, vae_tile_size, vae_tile_overlap, on_retry=glue.free_cache)
         return (OSDLatent(z=z, image=prepared),)

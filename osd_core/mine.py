@@ -3,10 +3,10 @@
 Paper: "Adaptive Inversion and Degradation-aware Sampling for Real-ISR" (IDaS-SR), §3.2 and supp. F.1–F.2.
 A DiT-S/2 backbone reads the LQ latent z_L with N_q learnable query tokens prepended and returns
 
-    ε_inv = unpatchify(Linear(LN(spatial tokens)))                       (B, 4, h, w)   inversion noise, F.1
-    g     = mean of the N_q output query tokens                          (B, D)         global vector, F.1
-    τ     = τ_min + (τ_max − τ_min) · sigmoid(MLP_τ(g))                  (B,)           Eq. 15
-    d     = MLP_d(g)                                                     (B, cond_dim)  Eq. 17 (added to every text token)
+    ε_inv = unpatchify(Linear(LN(spatial tokens)))         (B, 4, h, w)   inversion noise, F.1
+    g     = mean of the N_q output query tokens            (B, D)         global vector, F.1
+    τ     = τ_min + (τ_max − τ_min) · sigmoid(MLP_τ(g))    (B,)           Eq. 15
+    d     = MLP_d(g)                                       (B, cond_dim)  Eq. 17 (added to every text token)
 
 Reconstruction choices (SPEC marks them [RECON]; the paper is silent):
 
@@ -20,6 +20,9 @@ Reconstruction choices (SPEC marks them [RECON]; the paper is silent):
 * the spatial head and the last layer of MLP_d start at zero and MLP_τ starts at τ_init = 120, so a fresh MINE
   gives ε_inv = 0, τ = τ_init and d = 0 exactly (the first steps are "z_L at timestep τ_init", stable);
 * τ is computed in float32 whatever the weights' dtype (a timestep near 250 has a resolution of 0.125 in fp16).
+
+Parameters at the defaults: "plain" 22,902,161 (21,293,568 of them in the 12 blocks, SPEC's ≈21.3M; the d head adds
+1.44M), "adaln" 33,823,505 (the paper's extra trainable parameters over OSEDiff are 33.46M, Tab. 2).
 
 Large images (§5.7): :meth:`MINE.estimate_global` computes τ and d once on the latent area-resized to at most
 ``global_max_latent`` px per side; :meth:`MINE.inversion_noise` computes ε_inv for one latent tile. On a tile the
@@ -293,7 +296,7 @@ class MINE(nn.Module):
     def _unpatchify(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         b, p, c = tokens.shape[0], self.config.patch_size, self.config.in_channels
         x = self.spatial_head(tokens).reshape(b, grid_h, grid_w, p, p, c)  # (B, gh, gw, p, p, C)
-        return x.permute(0, 5, 1, 2, 3, 4).reshape(b, c, grid_h * p, grid_w * p)  # (B, C, gh·p, gw·p)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, grid_h * p, grid_w * p)  # (B, C, gh·p, gw·p)
 
     def _tau(self, g: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -4,16 +4,20 @@ Tile origins step by (tile − overlap) and the last tile is snapped to end exac
 prediction is weighted by a separable gaussian, w(x) ∝ exp(−(x − m)² / (2 · 0.01 · T²)) with m = (T − 1)/2 on both
 axes (OSEDiff uses T/2 for y, a quirk we do not copy), and the tiles are averaged: Σ w·pred / Σ w. Tiling only
 happens when the area exceeds one tile (h·w > tile²), as in OSEDiff; otherwise one window covers everything.
+When a tile does not fit in memory, ``retry_smaller_tiles`` halves the tile size and tries again.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 GAUSSIAN_VAR = 0.01
+
+logger = logging.getLogger(__name__)
 
 
 def validate_tiling(tile_latent: int, overlap_latent: int) -> None:
@@ -105,3 +109,31 @@ def blend_tiles(
         if callback is not None:
             callback(done, len(windows))
     return (acc / norm).to(dtype)  # (B, C, h, w)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(err, oom) or "out of memory" in str(err).lower()
+
+
+def retry_smaller_tiles(
+    run: Callable[[int, int], torch.Tensor], tile_latent: int, overlap_latent: int, *, min_tile: int = 16,
+    on_retry: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """``run(tile, overlap)``; on out-of-memory, halve the tile (and overlap, rounded to ×8) and try again.
+
+    ``on_retry`` frees what it can (e.g. the device cache) before the next try. Gives up below ``min_tile``.
+    """
+    while True:
+        try:
+            return run(tile_latent, overlap_latent)
+        except (RuntimeError, MemoryError) as err:
+            smaller = max(min_tile, tile_latent // 2 // 8 * 8)
+            if not _is_out_of_memory(err) or smaller >= tile_latent:
+                raise
+            overlap_latent = min(overlap_latent // 2 // 8 * 8, smaller - 8)
+            logger.warning("out of memory with %d-px latent tiles; retrying with %d (overlap %d)",
+                           tile_latent, smaller, overlap_latent)
+            tile_latent = smaller
+            if on_retry is not None:
+                on_retry()

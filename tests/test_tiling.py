@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from osd_core.tiling import TileWindow, blend_tiles, gaussian_weights, tile_starts, tile_windows, validate_tiling
+from osd_core.tiling import (TileWindow, blend_tiles, gaussian_weights, retry_smaller_tiles, tile_starts, tile_windows,
+                            validate_tiling)
 
 
 def _identity_blend(x, tile, overlap, calls=None):
@@ -77,3 +78,31 @@ def test_bad_tiling_messages_name_the_input_and_a_fix():
         validate_tiling(64, 64)
     with pytest.raises(ValueError, match="tile_overlap"):
         validate_tiling(64, -8)
+
+
+def test_out_of_memory_retries_with_smaller_tiles():
+    tried = []
+
+    def run(tile, overlap):
+        tried.append((tile, overlap))
+        if tile > 32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return torch.zeros(1)
+
+    freed = []
+    retry_smaller_tiles(run, 96, 32, on_retry=lambda: freed.append(1))
+    assert tried == [(96, 32), (48, 16), (24, 8)] and len(freed) == 2
+
+
+def test_out_of_memory_gives_up_at_the_minimum_and_other_errors_pass_through():
+    def always(tile, overlap):
+        raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        retry_smaller_tiles(always, 64, 16)
+
+    def broken(tile, overlap):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        retry_smaller_tiles(broken, 64, 16)
