@@ -1,10 +1,12 @@
 """ComfyUI nodes of comfyui-onestep-sr: thin adapters over ``osd_core`` (DESIGN.md "Node catalogue")."""
 
+from .codsr import OneStepSRSFTModulation, OneStepSRSobelNoise
 from .colorfix import OneStepSRColorFix
 from .conditioning import OneStepSRTextConditioning
 from .decode import OneStepSRDecode
 from .denoise import OneStepSRDenoise
 from .encode import OneStepSREncode
+from .idas import OneStepSRChariotMix, OneStepSRMINEEstimate
 from .loader import OneStepSRLoadModel
 from .noise import OneStepSRGaussianNoise
 from .timestep import OneStepSRTimestep
@@ -18,6 +20,10 @@ NODE_CLASS_MAPPINGS = {
     "OneStepSRDenoise": OneStepSRDenoise,
     "OneStepSRDecode": OneStepSRDecode,
     "OneStepSRColorFix": OneStepSRColorFix,
+    "OneStepSRMINEEstimate": OneStepSRMINEEstimate,
+    "OneStepSRChariotMix": OneStepSRChariotMix,
+    "OneStepSRSobelNoise": OneStepSRSobelNoise,
+    "OneStepSRSFTModulation": OneStepSRSFTModulation,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -29,4 +35,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "OneStepSRDenoise": "OneStep SR One-Step Denoise",
     "OneStepSRDecode": "OneStep SR Decode",
     "OneStepSRColorFix": "OneStep SR Color Fix",
+    "OneStepSRMINEEstimate": "OneStep SR MINE Estimate (IDaS-SR)",
+    "OneStepSRChariotMix": "OneStep SR CHARIOT Mix (IDaS-SR)",
+    "OneStepSRSobelNoise": "OneStep SR Sobel Noise (CODSR)",
+    "OneStepSRSFTModulation": "OneStep SR SFT Modulation (CODSR)",
 }

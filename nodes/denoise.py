@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..osd_core.onestep import one_step_denoise
+from ..osd_core.sft import conv_in_hook
 from ..osd_core.tiling import retry_smaller_tiles
 from . import comfy_glue as glue
 
@@ -35,19 +36,22 @@ class OneStepSRDenoise:
             "optional": {
                 "noise": ("OSD_NOISE", {"tooltip": "Noise to start from (Gaussian, Sobel-weighted, CHARIOT mix). "
                                                    "Without it the latent itself is the U-Net input."}),
+                "sft": ("OSD_SFT", {"tooltip": "CODSR's LQFM modulation of the U-Net's first conv, sliced per tile."}),
             },
         }
 
-    def denoise(self, model, latent, conditioning, timestep, tile_size, tile_overlap, noise=None):
+    def denoise(self, model, latent, conditioning, timestep, tile_size, tile_overlap, noise=None, sft=None):
         batch = latent.batch
         unet = model.components.unet
         eps = noise.for_latent(latent) if noise is not None else None
+        sft = sft.for_latent(latent) if sft is not None else None
+        hook = conv_in_hook(sft.gamma, sft.beta, sft.lam) if sft is not None else None
 
         def run(tile, overlap):
             return one_step_denoise(
                 unet, model.components.schedule, model.parameterisation, latent.z,
                 conditioning.for_batch(batch), timestep.for_batch(batch), noise=eps,
-                tile_latent=tile, overlap_latent=overlap, callback=glue.progress_callback(),
+                tile_latent=tile, overlap_latent=overlap, conv_in_hook=hook, callback=glue.progress_callback(),
             )
 
         with glue.on_device(unet):

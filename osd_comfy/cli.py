@@ -50,7 +50,8 @@ def _available(runtime, kind: str) -> list[str]:
 
 
 def _choose(runtime, kind: str, requested: str | None, in_workflow: str) -> str:
-    """The model name to use: --base/--bundle, else the workflow's, else the only one available."""
+    """The model name to use: --base/--bundle, else the workflow's, else the one available whose name contains the
+    workflow's (``osediff.safetensors`` -> ``onestep-demo-osediff.safetensors``), else the only one available."""
     available = _available(runtime, kind)
     if kind == "bundle":
         available = ["none"] + available
@@ -61,10 +62,12 @@ def _choose(runtime, kind: str, requested: str | None, in_workflow: str) -> str:
     if in_workflow in available:
         return in_workflow
     candidates = [name for name in available if name != "none"]
-    if len(candidates) == 1:
-        logger.info("the workflow's %s %r is not installed; using %r, the only one found", kind, in_workflow,
-                    candidates[0])
-        return candidates[0]
+    stem = Path(in_workflow).stem.lower()
+    similar = [name for name in candidates if stem and stem in name.lower()]
+    if len(similar) == 1 or len(candidates) == 1:
+        choice = similar[0] if len(similar) == 1 else candidates[0]
+        logger.info("the workflow's %s %r is not installed; using %r", kind, in_workflow, choice)
+        return choice
     raise UsageError(f"the workflow's {kind} {in_workflow!r} was not found and the choice is not unique; "
                      f"pass --{kind} with one of {available}")
 

@@ -12,10 +12,10 @@ from PIL import Image
 
 from osd_core.bundle import save_bundle
 from osd_core.models import save_single_file
-from osd_core.tiny import tiny_bundle, tiny_components
+from osd_core.tiny import TINY_METHODS, tiny_bundle, tiny_components
 
 DEMO_BASE = "onestep-demo-sd.safetensors"
-DEMO_BUNDLE = "onestep-demo-osediff.safetensors"
+DEMO_BUNDLES = {method: f"onestep-demo-{method}.safetensors" for method in TINY_METHODS}
 DEMO_INPUT = "demo_input.png"
 DEMO_MARK = {"onestep_sr.demo": "random weights: this model does not upscale anything"}
 
@@ -32,17 +32,14 @@ def demo_image(width: int = 48, height: int = 40) -> Image.Image:
 
 
 def write_demo_models(folder: str | Path) -> dict[str, Path]:
-    """Write checkpoints/<base>, onestep_sr/<bundle> and demo_input.png under ``folder``; return their paths."""
+    """Write checkpoints/<base>, one onestep_sr/<bundle> per method, and demo_input.png under ``folder``."""
     folder = Path(folder)
-    paths = {
-        "base": folder / "checkpoints" / DEMO_BASE,
-        "bundle": folder / "onestep_sr" / DEMO_BUNDLE,
-        "input": folder / DEMO_INPUT,
-    }
+    paths = {"base": folder / "checkpoints" / DEMO_BASE, "input": folder / DEMO_INPUT}
+    paths.update({method: folder / "onestep_sr" / name for method, name in DEMO_BUNDLES.items()})
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     save_single_file(tiny_components(seed=0), paths["base"], extra_metadata=DEMO_MARK)
-    meta, tensors = tiny_bundle(seed=0)
-    save_bundle(paths["bundle"], meta, tensors)
+    for method in DEMO_BUNDLES:
+        save_bundle(paths[method], *tiny_bundle(method=method, seed=0))
     demo_image().save(paths["input"])
     return paths

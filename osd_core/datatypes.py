@@ -11,6 +11,7 @@ OSD_TIMESTEP   ``OSDTimestep``      per-sample float timesteps (B,) (or one shar
 OSD_NOISE      ``OSDNoise``         a noise tensor shaped like the latent
 OSD_COND       ``OSDCond``          encoder hidden states for the U-Net cross-attention (1 or B, L, D)
 OSD_EMBED      ``OSDEmbed``         a per-sample embedding (B, D) added to every conditioning token
+OSD_SFT        ``OSDSFT``           LQFM modulation maps γ, β (B, C, h, w) and λ_t (B,) for the U-Net's conv_in
 =============  ===================  ==========================================================================
 
 Tensors are kept in float32 on the CPU between stages (a few MB even for large images); each stage moves what it
@@ -145,3 +146,20 @@ class OSDEmbed:
     """A per-sample embedding (B, D) float32 added to every conditioning token (IDaS-SR's degradation embedding)."""
 
     d: torch.Tensor
+
+
+@dataclass
+class OSDSFT:
+    """CODSR's LQFM modulation of the U-Net's first conv: γ, β (B, C, h, w) float32 and λ_t = 1/w_t (B,)."""
+
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    lam: torch.Tensor
+
+    def for_latent(self, latent: OSDLatent) -> OSDSFT:
+        if self.gamma.shape[0] != latent.batch or self.gamma.shape[-2:] != latent.z.shape[-2:]:
+            raise ValueError(
+                f"the SFT maps are {tuple(self.gamma.shape)} but the latent is {tuple(latent.z.shape)}; make them "
+                "from the same latent (SFT modulation node fed by the same Encode)."
+            )
+        return self

@@ -14,6 +14,7 @@ import torch
 from .adapters import apply_bundle
 from .bundle import load_bundle
 from .datatypes import OSDModel
+from .method_modules import load_method_modules
 from .models import load_sd_components
 from .parameterisation import Parameterisation
 
@@ -39,10 +40,11 @@ def load_osd_model(
         )
     bundle = load_bundle(bundle_path, expected_family=components.family)
     apply_bundle(components, bundle)
+    extra_modules = load_method_modules(components, bundle)
     logger.info("applied bundle %s:\n%s", bundle_path, bundle.summary())
     return OSDModel(
         components=components, bundle=bundle,
         parameterisation=Parameterisation.parse(bundle.meta.parameterisation),
         defaults={**OSEDIFF_DEFAULTS, **bundle.meta.defaults},
-        name=f"{Path(base_path).name} + {Path(bundle_path).name}",
+        name=f"{Path(base_path).name} + {Path(bundle_path).name}", extra_modules=extra_modules,
     )

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .schedule import NoiseSchedule, per_sample
+from .tiling import TileWindow
 
 
 @dataclass(frozen=True)
@@ -133,13 +134,13 @@ def modulate(features: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, la
 
 def conv_in_hook(
     gamma: torch.Tensor, beta: torch.Tensor, lam: torch.Tensor
-) -> Callable[[object], Callable[[torch.Tensor], torch.Tensor]]:
+) -> Callable[[TileWindow], Callable[[torch.Tensor], torch.Tensor]]:
     """The ``conv_in_hook`` of ``one_step_denoise``: window (y0, y1, x0, x1 in latent px) -> f ↦ f′ on that tile.
 
     gamma, beta (B, C, h, w) computed once on the whole image; lam (B,) from ``lambda_t``.
     """
 
-    def hook(window) -> Callable[[torch.Tensor], torch.Tensor]:
+    def hook(window: TileWindow) -> Callable[[torch.Tensor], torch.Tensor]:
         rows, cols = slice(window.y0, window.y1), slice(window.x0, window.x1)
         gamma_tile = gamma[..., rows, cols]  # (B, C, th, tw)
         beta_tile = beta[..., rows, cols]  # (B, C, th, tw)

@@ -64,23 +64,48 @@ def save_tiny_diffusers(folder, seed: int = 0) -> SDComponents:
     return components
 
 
+# Per method: x̂₀ parameterisation, inference defaults, and the tiny configs of its modules (SPEC §3–6).
+TINY_METHODS = {
+    "osediff": ("S", {"timestep": 999, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"}, {}),
+    "idas": ("S", {"s": 0.6, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"},
+             {"mine": dict(hidden_size=32, depth=2, num_heads=4, num_queries=4, cond_dim=32)}),
+    "codsr": ("N", {"timestep": 100, "tile_size": 152, "tile_overlap": 48, "color_fix": "adain"},
+              {"lqfm": dict(hidden=32, out_channels=32)}),
+}
+
+
+def _perturb_zeros(module: torch.nn.Module, generator: torch.Generator, std: float) -> None:
+    """Give zero-initialised tensors (identity-at-start heads) small random values, so a demo module does
+    something visible."""
+    with torch.no_grad():
+        for param in module.parameters():
+            if not bool(param.any()):
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
 def tiny_bundle(*, method: str = "osediff", rank: int = 4, seed: int = 0, lora_std: float = 0.05):
-    """An OSEDiff-layout bundle (meta, tensors) for the tiny components: U-Net LoRA in the three adapters, VAE encoder
-    LoRA, and the full conv_in, with random non-zero B matrices so the bundle visibly changes the output."""
+    """A bundle (meta, tensors) for the tiny components: OSEDiff-layout LoRA (U-Net in three adapters, VAE encoder),
+    the full conv_in, and the method's modules, with random non-zero LoRA B matrices and heads so the bundle
+    visibly changes the output."""
     from .adapters import collect_bundle_tensors, inject_bundle_lora
     from .bundle import BundleMeta
     from .lora import PEFT_DEFAULT_ALPHA, unet_lora_targets, vae_encoder_lora_targets
+    from .method_modules import REGISTRY, build_module
 
+    if method not in TINY_METHODS:
+        raise ValueError(f"`method` must be one of {sorted(TINY_METHODS)}; got {method!r}.")
+    parameterisation, defaults, module_configs = TINY_METHODS[method]
     components = tiny_components(seed)
     lora = {
         "unet": {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA, "adapters": unet_lora_targets(components.unet)},
         "vae_encoder": {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA,
                         "adapters": {"default": vae_encoder_lora_targets(components.vae)}},
     }
+    configs = {name: REGISTRY[name].config_class(**values) for name, values in module_configs.items()}
     meta = BundleMeta(
-        method=method, base_family=components.family, parameterisation="S", lora=lora,
-        modules=("unet_lora", "vae_encoder_lora", "unet_conv_in"),
-        defaults={"timestep": 999, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"},
+        method=method, base_family=components.family, parameterisation=parameterisation, lora=lora,
+        modules=("unet_lora", "vae_encoder_lora", "unet_conv_in", *configs),
+        hyperparameters={name: config.to_dict() for name, config in configs.items()}, defaults=defaults,
         extra={"demo": "random weights: this bundle does not upscale anything"},
     )
     inject_bundle_lora(components, lora)
@@ -89,4 +114,8 @@ def tiny_bundle(*, method: str = "osediff", rank: int = 4, seed: int = 0, lora_s
     for key, value in tensors.items():
         if ".lora_B." in key:
             tensors[key] = torch.randn(value.shape, generator=generator) * lora_std
+    for name, config in configs.items():
+        module = build_module(name, config, components)
+        _perturb_zeros(module, generator, lora_std)
+        tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
     return meta, tensors

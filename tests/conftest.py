@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from osd_comfy.demo import DEMO_BASE, DEMO_BUNDLE, write_demo_models
+from osd_comfy.demo import DEMO_BASE, DEMO_BUNDLES, write_demo_models
 from osd_comfy.locate import find_comfyui, pack_root
 
 WORKFLOWS = pack_root() / "workflows"
@@ -60,7 +60,8 @@ def demo_workflow(name: str, image: str, **overrides) -> dict:
         if node["class_type"] == "LoadImage":
             inputs["image"] = image
         if node["class_type"] == "OneStepSRLoadModel":
-            inputs["base_model"], inputs["bundle"] = DEMO_BASE, DEMO_BUNDLE
+            method = Path(inputs["bundle"]).stem  # the shipped workflows name bundles <method>.safetensors
+            inputs["base_model"], inputs["bundle"] = DEMO_BASE, DEMO_BUNDLES[method]
         for key, value in overrides.items():
             if key in inputs and not isinstance(inputs[key], list):
                 inputs[key] = value

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import demo_workflow, node_of, write_image
-from osd_comfy.demo import DEMO_BASE, DEMO_BUNDLE
+from osd_comfy.demo import DEMO_BASE, DEMO_BUNDLES
 from osd_comfy.runtime import WorkflowError
 
 
@@ -15,7 +15,7 @@ def test_core_nodes_and_pack_nodes_are_registered(comfy):
     assert {"LoadImage", "SaveImage", "ImageBatch", "OneStepSRDenoise", "OneStepSRLoadModel"} <= set(classes)
     for name, node_class in classes.items():
         if name.startswith("OneStepSR"):
-            assert node_class.DESCRIPTION and node_class.CATEGORY == "OneStep SR"
+            assert node_class.DESCRIPTION and node_class.CATEGORY.startswith("OneStep SR")
             for section in node_class.INPUT_TYPES().values():
                 for input_name, declaration in section.items():
                     assert declaration[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
@@ -54,7 +54,7 @@ def test_denoise_node_reports_progress_per_tile_and_can_be_cancelled(comfy):
     import comfy.model_management as mm  # ComfyUI's own package (the fixture booted it)
     import comfy.utils as comfy_utils
 
-    (model,) = classes["OneStepSRLoadModel"]().load(DEMO_BASE, DEMO_BUNDLE, "auto")
+    (model,) = classes["OneStepSRLoadModel"]().load(DEMO_BASE, DEMO_BUNDLES["osediff"], "auto")
     image = torch.rand(1, 64, 48, 3)
     (latent,) = classes["OneStepSREncode"]().encode(model, image, 2.0, "mode", 0, 128, 16, 67.1)
     (cond,) = classes["OneStepSRTextConditioning"]().encode(model, "")
