@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import WORKFLOWS, demo_workflow, node_of, write_image
+from osd_comfy.demo import DEMO_BUNDLES
 from osd_comfy.runtime import WorkflowError
 from osd_comfy.workflow_format import build, shipped_workflows, ui_to_api, ui_twin
 
@@ -64,10 +65,8 @@ def test_plain_sd_without_bundle_runs(comfy, input_dir):
     assert not torch.equal(plain, with_bundle)
 
 
-def test_batch_items_equal_single_runs(comfy, input_dir):
-    first = write_image(input_dir, "batch_a.png", 20, 16, seed=1)
-    second = write_image(input_dir, "batch_b.png", 20, 16, seed=2)
-    prompt = demo_workflow("osediff", first, tile_size=8, tile_overlap=0)
+def _batched(prompt: dict, second: str) -> dict:
+    """The same graph on a batch of two images: LoadImage + a second LoadImage joined by ImageBatch."""
     loader = node_of(prompt, "LoadImage")
     prompt["100"] = {"class_type": "LoadImage", "inputs": {"image": second}}
     prompt["101"] = {"class_type": "ImageBatch", "inputs": {"image1": [loader, 0], "image2": ["100", 0]}}
@@ -76,11 +75,44 @@ def test_batch_items_equal_single_runs(comfy, input_dir):
             if value == [loader, 0] and node["class_type"] != "ImageBatch":
                 node["inputs"][key] = ["101", 0]
     del prompt[node_of(prompt, "OneStepSREncode")]["inputs"]["mask"]
-    batch = _output(comfy, prompt)
+    return prompt
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_batch_items_equal_single_runs(comfy, input_dir, name):
+    first = write_image(input_dir, "batch_a.png", 20, 16, seed=1)
+    second = write_image(input_dir, "batch_b.png", 20, 16, seed=2)
+    batch = _output(comfy, _batched(demo_workflow(name, first, tile_size=8, tile_overlap=0), second))
     assert batch.shape[0] == 2
-    for index, name in enumerate((first, second)):
-        single = _output(comfy, demo_workflow("osediff", name, tile_size=8, tile_overlap=0))
+    for index, image in enumerate((first, second)):
+        single = _output(comfy, demo_workflow(name, image, tile_size=8, tile_overlap=0))
         torch.testing.assert_close(batch[index:index + 1], single, atol=1e-5, rtol=1e-5)
+
+
+def test_idas_s_changes_the_output(comfy, input_dir):
+    image = write_image(input_dir, "idas_s.png", 24, 24)
+    structural = _output(comfy, demo_workflow("idas", image, s=0.0))
+    generative = _output(comfy, demo_workflow("idas", image, s=0.6))
+    assert not torch.allclose(structural, generative, atol=1e-3)
+
+
+def test_mine_and_chariot_give_per_sample_timesteps(comfy, input_dir):
+    first = write_image(input_dir, "ts_a.png", 24, 16, seed=3)
+    second = write_image(input_dir, "ts_b.png", 24, 16, seed=4)
+    prompt = _batched(demo_workflow("idas", first), second)
+    result = comfy.run(prompt)
+    tau = result.outputs[node_of(prompt, "OneStepSRMINEEstimate")][0].t
+    t_prime = result.outputs[node_of(prompt, "OneStepSRChariotMix")][0].t
+    assert tau.shape == t_prime.shape == (2,) and tau[0] != tau[1]
+    torch.testing.assert_close(t_prime, tau + 0.6 * (999 - tau))
+
+
+def test_missing_module_names_the_bundle_and_the_provider(comfy, input_dir):
+    image = write_image(input_dir, "nomine.png", 16, 16)
+    prompt = demo_workflow("idas", image)
+    prompt[node_of(prompt, "OneStepSRLoadModel")]["inputs"]["bundle"] = DEMO_BUNDLES["osediff"]
+    with pytest.raises(WorkflowError, match=r"onestep-demo-osediff\.safetensors has no `mine`.*IDaS-SR bundle"):
+        comfy.run(prompt)
 
 
 def test_alpha_is_upscaled_and_returned_as_mask(comfy, input_dir):
