@@ -9,6 +9,7 @@ from .encode import OneStepSREncode
 from .idas import OneStepSRChariotMix, OneStepSRMINEEstimate
 from .loader import OneStepSRLoadModel
 from .noise import OneStepSRGaussianNoise
+from .rcod import OneStepSRRealismLevel, OneStepSRVisualPrompt
 from .timestep import OneStepSRTimestep
 
 NODE_CLASS_MAPPINGS = {
@@ -24,6 +25,8 @@ NODE_CLASS_MAPPINGS = {
     "OneStepSRChariotMix": OneStepSRChariotMix,
     "OneStepSRSobelNoise": OneStepSRSobelNoise,
     "OneStepSRSFTModulation": OneStepSRSFTModulation,
+    "OneStepSRRealismLevel": OneStepSRRealismLevel,
+    "OneStepSRVisualPrompt": OneStepSRVisualPrompt,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -39,4 +42,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "OneStepSRChariotMix": "OneStep SR CHARIOT Mix (IDaS-SR)",
     "OneStepSRSobelNoise": "OneStep SR Sobel Noise (CODSR)",
     "OneStepSRSFTModulation": "OneStep SR SFT Modulation (CODSR)",
+    "OneStepSRRealismLevel": "OneStep SR Realism Level (RCOD)",
+    "OneStepSRVisualPrompt": "OneStep SR Visual Prompt (RCOD)",
 }

@@ -40,8 +40,8 @@ def default_workflow() -> Path:
 
 def _available(runtime, kind: str) -> list[str]:
     fp = runtime.folder_paths
-    if kind == "bundle":
-        return list(fp.get_filename_list("onestep_sr"))
+    if kind in ("bundle", "clip_vision"):
+        return list(fp.get_filename_list("onestep_sr" if kind == "bundle" else "clip_vision"))
     names = list(fp.get_filename_list("checkpoints"))
     for root in fp.get_folder_paths("diffusers"):
         if Path(root).is_dir():
@@ -53,11 +53,12 @@ def _choose(runtime, kind: str, requested: str | None, in_workflow: str) -> str:
     """The model name to use: --base/--bundle, else the workflow's, else the one available whose name contains the
     workflow's (``osediff.safetensors`` -> ``onestep-demo-osediff.safetensors``), else the only one available."""
     available = _available(runtime, kind)
+    flag = "--" + kind.replace("_", "-")
     if kind == "bundle":
         available = ["none"] + available
     if requested is not None:
         if requested not in available:
-            raise UsageError(f"--{kind} {requested!r} was not found; available: {available}")
+            raise UsageError(f"{flag} {requested!r} was not found; available: {available}")
         return requested
     if in_workflow in available:
         return in_workflow
@@ -69,7 +70,7 @@ def _choose(runtime, kind: str, requested: str | None, in_workflow: str) -> str:
         logger.info("the workflow's %s %r is not installed; using %r", kind, in_workflow, choice)
         return choice
     raise UsageError(f"the workflow's {kind} {in_workflow!r} was not found and the choice is not unique; "
-                     f"pass --{kind} with one of {available}")
+                     f"pass {flag} with one of {available}")
 
 
 def _save_node_source(prompt: dict) -> list:
@@ -91,6 +92,8 @@ def _configure(prompt: dict, runtime, args, image_name: str) -> None:
         if node["class_type"] == LOADER:
             inputs["base_model"] = _choose(runtime, "base", args.base, inputs["base_model"])
             inputs["bundle"] = _choose(runtime, "bundle", args.bundle, inputs["bundle"])
+        if node["class_type"] == "CLIPVisionLoader":
+            inputs["clip_name"] = _choose(runtime, "clip_vision", args.clip_vision, inputs["clip_name"])
 
 
 def _write_image(image, out: Path, alpha_mask=None) -> tuple[int, int]:
@@ -175,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workflow", help="API-format workflow JSON (default: workflows/osediff_api.json)")
     up.add_argument("--base", help="base model name as listed in the models folder")
     up.add_argument("--bundle", help="adapter bundle name in onestep_sr/ (or 'none')")
+    up.add_argument("--clip-vision", help="CLIP vision model name in clip_vision/ (workflows that use one: RCOD)")
     up.add_argument("--seed", type=int, help="seed for every seeded node")
     up.add_argument("--comfyui", help="ComfyUI folder to run in (default: COMFYUI_DIR, the enclosing, or vendored)")
     up.set_defaults(func=upscale)

@@ -71,6 +71,9 @@ TINY_METHODS = {
              {"mine": dict(hidden_size=32, depth=2, num_heads=4, num_queries=4, cond_dim=32)}),
     "codsr": ("N", {"timestep": 100, "tile_size": 152, "tile_overlap": 48, "color_fix": "adain"},
               {"lqfm": dict(hidden=32, out_channels=32)}),
+    # RCOD reads ComfyUI's native CLIP vision tower, which only loads at full ViT-L/14 width (1024).
+    "rcod": ("S", {"level": "neutral", "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"},
+             {"vpim": dict(vision_dim=1024, cond_dim=32), "mem": dict(token_dim=1024, hidden=(32, 16))}),
 }
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from osd_comfy.demo import DEMO_BASE, DEMO_BUNDLES, write_demo_models
+from osd_comfy.demo import DEMO_BASE, DEMO_BUNDLES, DEMO_CLIP_VISION, write_demo_models
 from osd_comfy.locate import find_comfyui, pack_root
 
 WORKFLOWS = pack_root() / "workflows"
@@ -59,6 +59,8 @@ def demo_workflow(name: str, image: str, **overrides) -> dict:
         inputs = node["inputs"]
         if node["class_type"] == "LoadImage":
             inputs["image"] = image
+        if node["class_type"] == "CLIPVisionLoader":
+            inputs["clip_name"] = DEMO_CLIP_VISION
         if node["class_type"] == "OneStepSRLoadModel":
             method = Path(inputs["bundle"]).stem  # the shipped workflows name bundles <method>.safetensors
             inputs["base_model"], inputs["bundle"] = DEMO_BASE, DEMO_BUNDLES[method]

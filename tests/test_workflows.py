@@ -143,3 +143,23 @@ def test_missing_bundle_is_a_validation_error(comfy, input_dir):
     prompt[node_of(prompt, "OneStepSRLoadModel")]["inputs"]["bundle"] = "nope.safetensors"
     with pytest.raises(WorkflowError, match="bundle"):
         comfy.run(prompt)
+
+
+@pytest.mark.parametrize("level,t", [("fidelity", 250.0), ("neutral", 500.0), ("realism", 750.0)])
+def test_rcod_levels_are_the_ldg_timesteps(comfy, input_dir, level, t):
+    image = write_image(input_dir, "rcod_level.png", 16, 16)
+    prompt = demo_workflow("rcod", image, level=level)
+    result = comfy.run(prompt)
+    assert result.outputs[node_of(prompt, "OneStepSRRealismLevel")][0].t.tolist() == [t]
+
+
+def test_rcod_adaptive_level_uses_mem_per_image(comfy, input_dir):
+    first = write_image(input_dir, "adapt_a.png", 16, 16, seed=5)
+    second = write_image(input_dir, "adapt_b.png", 16, 16, seed=6)
+    prompt = _batched(demo_workflow("rcod", first, level="adaptive"), second)
+    level = node_of(prompt, "OneStepSRRealismLevel")
+    with pytest.raises(WorkflowError, match="needs `clip_vision`"):
+        comfy.run(prompt)
+    prompt[level]["inputs"]["clip_vision"] = [node_of(prompt, "CLIPVisionLoader"), 0]
+    t = comfy.run(prompt).outputs[level][0].t
+    assert t.shape == (2,) and set(t.tolist()) <= {250.0, 500.0, 750.0}
