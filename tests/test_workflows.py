@@ -163,3 +163,15 @@ def test_rcod_adaptive_level_uses_mem_per_image(comfy, input_dir):
     prompt[level]["inputs"]["clip_vision"] = [node_of(prompt, "CLIPVisionLoader"), 0]
     t = comfy.run(prompt).outputs[level][0].t
     assert t.shape == (2,) and set(t.tolist()) <= {250.0, 500.0, 750.0}
+
+
+def test_tadsr_timestep_reaches_the_time_aware_encoder(comfy, input_dir):
+    image = write_image(input_dir, "tadsr_t.png", 16, 16)
+    latents = []
+    for t in (100.0, 500.0):
+        prompt = demo_workflow("tadsr", image, timestep=t)
+        latents.append(comfy.run(prompt).outputs[node_of(prompt, "OneStepSREncode")][0].z)
+    prompt = demo_workflow("tadsr", image)
+    del prompt[node_of(prompt, "OneStepSREncode")]["inputs"]["timestep"]
+    plain = comfy.run(prompt).outputs[node_of(prompt, "OneStepSREncode")][0].z
+    assert not torch.allclose(latents[0], latents[1]) and not torch.allclose(latents[1], plain)
