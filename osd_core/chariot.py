@@ -28,17 +28,18 @@ Tiled inference (§5.7) applies this per latent tile with the tile's slice of on
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
+from .config_dict import DictConfig
 from .noise import gaussian_noise
 
 ENERGY_MODES = ("std", "var")
 
 
 @dataclass(frozen=True)
-class ChariotConfig:
+class ChariotConfig(DictConfig):
     """CHARIOT constants (SPEC §5.4): t_max, δ, the std guard, the target-energy form and the UI cap on s."""
 
     t_max: float = 999.0
@@ -59,19 +60,6 @@ class ChariotConfig:
             raise ValueError(f"`energy_mode` must be one of {ENERGY_MODES}; got {self.energy_mode!r}.")
         if not 0 <= self.s_max <= 1:
             raise ValueError(f"`s_max` must be in [0, 1]; got {self.s_max!r}. Use 0.9.")
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable constants."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ChariotConfig:
-        """Rebuild from :meth:`to_dict`; unknown keys are refused so a typo fails loudly, missing ones default."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown ChariotConfig keys {unknown}; expected a subset of {sorted(names)}.")
-        return cls(**d)
 
 
 def _steering(s: float | torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:

@@ -23,13 +23,13 @@ middle when n is even; for n < 3 it coincides with a neighbour).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from .config_dict import DictConfig
 
 DAS_T_MIN = 20
 DAS_T_MAX = 980
@@ -37,7 +37,7 @@ LEVEL_NAMES = ("fidelity", "neutral", "realism")
 
 
 @dataclass(frozen=True)
-class LDGConfig:
+class LDGConfig(DictConfig):
     """Eq. 5 hyperparameters: timestep interval ``k``, group count ``n`` and the M_L bounds [m_min, m_max]."""
 
     k: int = 250
@@ -69,16 +69,6 @@ class LDGConfig:
     def timesteps(self) -> tuple[int, ...]:
         """The n level timesteps in increasing order: k, 2k, ..., n·k."""
         return tuple(self.k * (i + 1) for i in range(self.n))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LDGConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"LDGConfig got unknown keys {unknown}; expected a subset of {list(cls().to_dict())}.")
-        return cls(**d)
 
 
 DEFAULT_LDG = LDGConfig()

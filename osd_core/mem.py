@@ -20,7 +20,6 @@ estimates on zeros, and that silent failure would only show as a wrong realism l
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -28,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_dict import DictConfig
 from .ldg import DEFAULT_LDG, LDGConfig, level_timestep
 
 
 @dataclass(frozen=True)
-class MEMConfig:
+class MEMConfig(DictConfig):
     """Latent channels C, CLIP token width (0: latent-only MEM) and the MLP hidden widths."""
 
     latent_channels: int = 4
@@ -55,16 +55,6 @@ class MEMConfig:
     @property
     def in_features(self) -> int:
         return 2 * self.latent_channels + self.token_dim
-
-    def to_dict(self) -> dict:
-        return {"latent_channels": self.latent_channels, "token_dim": self.token_dim, "hidden": list(self.hidden)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MEMConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"MEMConfig got unknown keys {unknown}; expected a subset of {list(cls().to_dict())}.")
-        return cls(**d)
 
 
 def _is_int(value) -> bool:

@@ -33,12 +33,13 @@ global context rather than the whole image's: an approximation that keeps the co
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_dict import DictConfig
 from .tiling import TileWindow
 
 BLOCK_STYLES = ("plain", "adaln")
@@ -46,7 +47,7 @@ LN_EPS = 1e-6
 
 
 @dataclass(frozen=True)
-class MINEConfig:
+class MINEConfig(DictConfig):
     """Hyperparameters of MINE; defaults are DiT-S/2 plus the SPEC §5.2 reconstruction choices."""
 
     patch_size: int = 2
@@ -91,19 +92,6 @@ class MINEConfig:
             raise ValueError(
                 f"`global_max_latent` ({self.global_max_latent}) must be at least `patch_size` ({self.patch_size})."
             )
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable hyperparameters (stored as ``hyperparameters["mine"]`` in a bundle)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MINEConfig:
-        """Rebuild from :meth:`to_dict`; unknown keys are refused so a typo fails loudly, missing ones default."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown MINEConfig keys {unknown}; expected a subset of {sorted(names)}.")
-        return cls(**d)
 
 
 @dataclass(frozen=True)

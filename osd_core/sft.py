@@ -25,12 +25,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .config_dict import DictConfig
 from .schedule import NoiseSchedule, per_sample
 from .tiling import TileWindow
 
 
 @dataclass(frozen=True)
-class LQFMConfig:
+class LQFMConfig(DictConfig):
     """Image channels, unshuffle factor (the VAE's downscale), branch widths and conv kernel size."""
 
     in_channels: int = 3
@@ -52,16 +53,6 @@ class LQFMConfig:
     @property
     def unshuffled_channels(self) -> int:
         return self.in_channels * self.downscale**2
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LQFMConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"LQFMConfig got unknown keys {unknown}; expected a subset of {list(cls().to_dict())}.")
-        return cls(**d)
 
 
 class LQFM(nn.Module):

@@ -17,13 +17,13 @@ Compare UPSR (SPEC §7.3), which has no dead zone below ``low`` and a 0.4 floor 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .config_dict import DictConfig
 from .noise import gaussian_noise
 
 LATENT_FACTOR = 8  # the SD VAE's spatial downscale
@@ -33,7 +33,7 @@ CONTINUITY_TOL = 1e-6
 
 
 @dataclass(frozen=True)
-class RGPAConfig:
+class RGPAConfig(DictConfig):
     """Constants of the piecewise map W(p) and the pooling patch in image px ([CODE] values, kept configurable)."""
 
     floor: float = 0.3
@@ -68,16 +68,6 @@ class RGPAConfig:
                 f"{self.floor} + {self.slope} * ({self.high} - {self.low}) = {reached}, ceiling {self.ceiling}. "
                 f"Use slope = {(self.ceiling - self.floor) / (self.high - self.low):.6g}."
             )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RGPAConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"RGPAConfig got unknown keys {unknown}; expected a subset of {list(cls().to_dict())}.")
-        return cls(**d)
 
 
 def _check_image(x_lq: torch.Tensor, *, multiple: int = 1) -> None:

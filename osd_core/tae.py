@@ -38,7 +38,6 @@ MLP and 1,973,760 = 514 · (2·128 + 2·256 + 6·512) in the ten projections (SP
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -49,12 +48,13 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from .config_dict import DictConfig
 
 OFFICIAL_PREFIX = "encoder."  # the released TimeAwareEncoder keeps its time layers inside ``vae.encoder``
 
 
 @dataclass(frozen=True)
-class TAEConfig:
+class TAEConfig(DictConfig):
     """Sinusoid width, embedding width and sinusoid flags of the TAE time path, and the [RECON] zero init."""
 
     time_proj_channels: int = 128  # max(128, block_out_channels[0]) in the release
@@ -75,16 +75,6 @@ class TAEConfig:
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 <= shift < 1:
             raise ValueError(f"`downscale_freq_shift` must be a float in [0, 1); got {shift!r}. TADSR uses 0.0.")
         object.__setattr__(self, "downscale_freq_shift", float(shift))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TAEConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"TAEConfig got unknown keys {unknown}; expected a subset of {list(cls().to_dict())}.")
-        return cls(**d)
 
 
 def scale_shift_resnet(resnet: ResnetBlock2D, x: torch.Tensor, scale_shift: torch.Tensor) -> torch.Tensor:

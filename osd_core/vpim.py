@@ -18,13 +18,13 @@ Module, Alg. 1 line 8 (read as c_y = MLP(Y(x_L)): the text says the LR image is 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .config_dict import DictConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -33,7 +33,7 @@ TOWER_BY_WIDTH = {768: "ViT-B/16 or ViT-B/32", 1024: "ViT-L/14", 1280: "ViT-H/14
 
 
 @dataclass(frozen=True)
-class VPIMConfig:
+class VPIMConfig(DictConfig):
     """Tower token width, UNet cross-attention width, tower input size, CLIP normalisation and Linear init std."""
 
     vision_dim: int = 1024
@@ -57,18 +57,6 @@ class VPIMConfig:
             raise ValueError(f"`std` must be positive per channel; got {self.std}. CLIP uses {CLIP_STD}.")
         if not _is_finite(self.init_std) or self.init_std <= 0:
             raise ValueError(f"`init_std` must be a positive number; got {self.init_std!r}. The default is 0.02.")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VPIMConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"VPIMConfig got unknown keys {unknown}; expected a subset of {list(cls().to_dict())}.")
-        return cls(**d)
 
 
 def _is_finite(value) -> bool:
