@@ -104,7 +104,7 @@ def tiny_bundle(*, method: str = "osediff", rank: int = 4, seed: int = 0, lora_s
     lora = {
         "unet": {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA, "adapters": unet_lora_targets(components.unet)},
         "vae_encoder": {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA,
-                        "adapters": {"default": vae_encoder_lora_targets(components.vae)}},
+                        "adapters": {"default_encoder": vae_encoder_lora_targets(components.vae)}},
     }
     configs = {name: REGISTRY[name].config_class(**values) for name, values in module_configs.items()}
     meta = BundleMeta(

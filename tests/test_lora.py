@@ -96,3 +96,20 @@ def test_bad_rank_and_empty_targets(comps):
         inject_lora(comps.unet, ["conv_in"], rank=0, adapter_name="a")
     with pytest.raises(ValueError, match="no target"):
         inject_lora(comps.unet, [], rank=4, adapter_name="a")
+
+
+def test_full_size_sd21_target_counts_match_the_official_lists():
+    """CHECKPOINTS.md §1: SD 2.1-base gives 94 encoder, 148 decoder and 16 others U-Net modules, 32 VAE modules."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from osd_core.models import CONFIG_DIR
+
+    root = CONFIG_DIR / "sd21-base"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads((root / "unet/config.json").read_text()))
+        vae = AutoencoderKL.from_config(json.loads((root / "vae/config.json").read_text()))
+    counts = {name: len(targets) for name, targets in unet_lora_targets(unet).items()}
+    assert counts == {"default_encoder": 94, "default_decoder": 148, "default_others": 16}
+    assert len(vae_encoder_lora_targets(vae)) == len(set(vae_encoder_lora_targets(vae))) == 32
