@@ -2,6 +2,7 @@
 
     onestep-sr upscale IN --out OUT [--scale 4] [--models-dir DIR] [--workflow FILE] [--base NAME] [--bundle NAME]
                        [--clip-vision NAME] [--seed N] [--comfyui DIR]
+    onestep-sr import FILE [--method {osediff,tadsr,codsr}] --out BUNDLE
     onestep-sr make-demo-models DIR
 
 ``upscale`` runs the workflow through a real ComfyUI executor in-process (see osd_comfy.runtime), so the command line
@@ -203,6 +204,22 @@ def _uses_demo_models(runtime, prompt: dict) -> bool:
     return False
 
 
+def import_weights(args) -> int:
+    """Convert an official .pkl release into an adapter bundle."""
+    from osd_core.bundle import save_bundle
+    from osd_core.official_import import import_official
+
+    meta, tensors = import_official(args.file, method=args.method)
+    out = Path(args.out)
+    if out.resolve() == Path(args.file).resolve():
+        raise UsageError("--out must not overwrite the official file")
+    save_bundle(out, meta, tensors)
+    lora = meta.lora["unet"]
+    print(f"wrote {out}: {meta.method} bundle, U-Net LoRA rank {lora['rank']} (scale {lora['alpha'] / lora['rank']:g}), "
+          f"modules {', '.join(meta.modules)}; defaults {meta.defaults}")
+    return 0
+
+
 def make_demo_models(args) -> int:
     from .demo import write_demo_models
 
@@ -232,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--comfyui", help="ComfyUI folder to run in (default: $COMFYUI_DIR, the ComfyUI the pack is "
                                       "installed in, or the vendored one)")
     up.set_defaults(func=upscale)
+    imp = sub.add_parser("import", help="convert an official OSEDiff/TADSR/CODSR .pkl into an adapter bundle")
+    imp.add_argument("file", help="the released .pkl file")
+    imp.add_argument("--method", choices=["osediff", "tadsr", "codsr"], help="expected layout (checked)")
+    imp.add_argument("--out", required=True, help="bundle to write, e.g. ComfyUI/models/onestep_sr/osediff.safetensors")
+    imp.set_defaults(func=import_weights)
     demo = sub.add_parser("make-demo-models", help="write tiny random-weight demo models")
     demo.add_argument("folder", help="where to write checkpoints/, onestep_sr/, clip_vision/ and demo_input.png")
     demo.set_defaults(func=make_demo_models)

@@ -29,7 +29,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from .locate import find_comfyui, pack_root
 
@@ -212,8 +212,8 @@ class ComfyRuntime:
 
         ComfyUI names the module after the folder and the pack imports itself relatively, so a folder whose name is
         not a module name (``/tmp/tmp.x1y2``) or is already taken is loaded through a symlink named
-        ``comfyui-onestep-sr`` (or ``comfyui-onestep-sr-2``, ... if that is taken too). ComfyUI logs a failed import and returns False; that becomes a ComfyBootError
-        carrying the logged traceback.
+        ``comfyui-onestep-sr`` (or ``comfyui-onestep-sr-2``, ... if that is taken too). ComfyUI logs a failed
+        import and returns False; that becomes a ComfyBootError carrying the logged traceback.
         """
         root = Path(root).resolve()
         path = _importable_path(root)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -328,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .runtime import ComfyRuntime
 
-    stale = build(ComfyRuntime.boot(args.comfyui).node_classes(), check=args.mode == "check")
+    with redirect_stdout(sys.stderr):  # ComfyUI's start-up chatter
+        node_classes = ComfyRuntime.boot(args.comfyui).node_classes()
+    stale = build(node_classes, check=args.mode == "check")
     for path in stale:
         print(("stale: " if args.mode == "check" else "wrote: ") + str(path.relative_to(pack_root())))
     if stale and args.mode == "check":

