@@ -19,7 +19,7 @@ import folder_paths
 logger = logging.getLogger(__name__)
 
 BUNDLE_FOLDER = "onestep_sr"
-BUNDLE_EXTENSIONS = {".safetensors"}
+BUNDLE_EXTENSIONS = {".safetensors", ".pkl"}
 NO_BUNDLE = "none"
 DIFFUSERS_PREFIX = "diffusers/"
 CATEGORY = "OneStep SR"

@@ -185,3 +185,22 @@ def import_official(path: str | Path, *, method: str | None = None) -> tuple[Bun
     path = Path(path)
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     return convert_official(read_official(path), method=method, source=path.name, sha256=sha256)
+
+
+def cached_bundle(path: str | Path) -> tuple[Path, str]:
+    """The bundle converted from an official .pkl, written once next to it as ``<name>.onestep-sr.safetensors``
+    (the original is never touched) and reused while it matches the file's SHA-256. Returns (path, what happened)."""
+    from .bundle import load_bundle, save_bundle
+
+    path = Path(path)
+    target = path.with_name(path.stem + ".onestep-sr.safetensors")
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    if target.is_file():
+        try:
+            if load_bundle(target).meta.extra.get("source_sha256") == sha256:
+                return target, f"reused {target.name}, converted earlier from {path.name}"
+        except ValueError:
+            logger.warning("re-converting %s: the cached bundle %s is unreadable", path, target)
+    meta, tensors = convert_official(read_official(path), source=path.name, sha256=sha256)
+    save_bundle(target, meta, tensors)
+    return target, f"converted {path.name} ({meta.method} layout) to {target.name}"

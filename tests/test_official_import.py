@@ -184,3 +184,39 @@ def test_command_line_import_writes_a_loadable_bundle(tmp_path, capsys):
     assert bundle.meta.method == "codsr" and "lqfm" in bundle.meta.modules
     assert "rank 4 (scale 2)" in capsys.readouterr().out
     assert main(["import", str(tmp_path / "codsr.pkl"), "--method", "osediff", "--out", str(tmp_path / "o.st")]) == 1
+
+
+def test_pkl_is_converted_once_next_to_it_and_reused(tmp_path):
+    from osd_core.official_import import cached_bundle
+
+    ckpt, _ = make_official("osediff")
+    pkl = tmp_path / "osediff.pkl"
+    torch.save(ckpt, pkl)
+    original = pkl.read_bytes()
+    path, note = cached_bundle(pkl)
+    assert path.name == "osediff.onestep-sr.safetensors" and note.startswith("converted osediff.pkl (osediff")
+    assert cached_bundle(pkl)[1].startswith("reused") and pkl.read_bytes() == original
+    ckpt["rank_unet"] = RANK  # same content, new file bytes: a changed release is converted again
+    ckpt["note"] = "v2"
+    torch.save(ckpt, pkl)
+    assert cached_bundle(pkl)[1].startswith("converted")
+
+
+def test_load_model_node_converts_an_official_pkl(comfy, models_dir):
+    from osd_comfy.demo import DEMO_BASE
+
+    ckpt, _ = make_official("osediff")
+    pkl = models_dir / "onestep_sr" / "official-osediff.pkl"
+    cached = pkl.with_name("official-osediff.onestep-sr.safetensors")
+    torch.save(ckpt, pkl)
+    loader = comfy.node_classes()["OneStepSRLoadModel"]()
+    try:
+        # the official weights are for SD 2.1 ("sd2"); the tiny demo base refuses them, after the conversion
+        with pytest.raises(ValueError, match="made for base family 'sd2'"):
+            loader.load(DEMO_BASE, "official-osediff.pkl", "fp32")
+        assert cached.is_file()
+        _, summary = loader.load(DEMO_BASE, "none", "fp32")
+        assert "plain SD" in summary
+    finally:  # keep the session's model list as the other tests expect it
+        pkl.unlink()
+        cached.unlink(missing_ok=True)

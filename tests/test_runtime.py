@@ -61,7 +61,7 @@ def test_denoise_node_reports_progress_per_tile_and_can_be_cancelled(comfy):
     import comfy.model_management as mm  # ComfyUI's own package (the fixture booted it)
     import comfy.utils as comfy_utils
 
-    (model,) = classes["OneStepSRLoadModel"]().load(DEMO_BASE, DEMO_BUNDLES["osediff"], "auto")
+    model, _summary = classes["OneStepSRLoadModel"]().load(DEMO_BASE, DEMO_BUNDLES["osediff"], "auto")
     image = torch.rand(1, 64, 48, 3)
     (latent,) = classes["OneStepSREncode"]().encode(model, image, 2.0, "mode", 0, 128, 16, 67.1)
     (cond,) = classes["OneStepSRTextConditioning"]().encode(model, "")
