@@ -48,19 +48,26 @@ def to_signed_range(x: torch.Tensor) -> torch.Tensor:
 
 
 def resize_image(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Bicubic resize of (B, C, H, W) in [0, 1] to (B, C, h, w), clamped (bicubic overshoots)."""
-    if tuple(x.shape[-2:]) == (h, w):
-        return x
-    return F.interpolate(x.float(), size=(h, w), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+    """Bicubic resize of (B, C, H, W) in [0, 1] to (B, C, h, w) float32, clamped to [0, 1] (bicubic overshoots).
+
+    At the same size the pixels are copied without interpolation (still clamped, never aliasing ``x``).
+    """
+    x = x.float()
+    if tuple(x.shape[-2:]) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)  # (B, C, h, w)
+    return x.clamp(0.0, 1.0)
 
 
-def _validate(image: torch.Tensor, factor: float, max_output_pixels: int) -> tuple[int, int]:
-    if image.ndim != 4 or image.shape[0] == 0:
-        raise ValueError(f"`image` must be a non-empty batch (B, C, H, W); got shape {tuple(image.shape)}.")
-    b, c, h, w = image.shape
+def _check_image(image: torch.Tensor) -> None:
+    if not torch.is_tensor(image) or image.ndim != 4 or image.shape[0] == 0:
+        shape = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+        raise ValueError(f"`image` must be a non-empty batch (B, C, H, W); got {shape}. Connect an IMAGE.")
+    _, c, h, w = image.shape
     if c not in (1, 3, 4):
-        raise ValueError(f"`image` must have 1 (gray), 3 (RGB) or 4 (RGBA) channels; got {c}.")
-    bad = (~torch.isfinite(image)).sum().item()
+        raise ValueError(f"`image` must have 1 (gray), 3 (RGB) or 4 (RGBA) channels; got {c}. Convert it to RGB.")
+    if not image.is_floating_point():
+        raise ValueError(f"`image` must be float in [0, 1]; got dtype {image.dtype}. Divide 8-bit data by 255.")
+    bad = int((~torch.isfinite(image)).sum().item())
     if bad:
         raise ValueError(
             f"`image` contains {bad} NaN or Inf values; fix the node that produced it (or clamp it) first."
@@ -69,8 +76,29 @@ def _validate(image: torch.Tensor, factor: float, max_output_pixels: int) -> tup
         raise ValueError(
             f"`image` is {w}x{h} px; one-step SR needs at least {MIN_SIDE_PX} px per side. Resize it first."
         )
-    if not math.isfinite(factor) or factor <= 0:
+
+
+def _largest_factor(h: int, w: int, max_output_pixels: int) -> float:
+    """The largest factor, in steps of 0.01, whose rounded output round(h·f) × round(w·f) fits the cap."""
+
+    def fits(step: int) -> bool:
+        return round(h * step / 100) * round(w * step / 100) <= max_output_pixels
+
+    step = math.floor(math.sqrt(max_output_pixels / (h * w)) * 100)  # near the answer; rounding moves it a little
+    while step > 1 and not fits(step):
+        step -= 1
+    while fits(step + 1):
+        step += 1
+    return step / 100
+
+
+def _validate(image: torch.Tensor, factor: float, max_output_pixels: int, multiple: int) -> tuple[int, int]:
+    _check_image(image)
+    h, w = image.shape[-2:]
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
         raise ValueError(f"`upscale_factor` must be a positive number; got {factor}. Use e.g. 4.0 (or 1.0 to restore).")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"`multiple` must be a positive integer; got {multiple!r}. The SD VAE needs 8.")
     out_h, out_w = round(h * factor), round(w * factor)
     if min(out_h, out_w) < MIN_SIDE_PX:
         raise ValueError(
@@ -78,11 +106,10 @@ def _validate(image: torch.Tensor, factor: float, max_output_pixels: int) -> tup
             f"{MIN_SIDE_PX} px per side. Use a larger factor."
         )
     if out_h * out_w > max_output_pixels:
-        largest = math.sqrt(max_output_pixels / (h * w))
         raise ValueError(
             f"`upscale_factor` {factor} makes a {out_w}x{out_h} output ({out_h * out_w / 1e6:.1f} MP), above the cap of "
-            f"{max_output_pixels / 1e6:.1f} MP. Use a factor of at most {math.floor(largest * 100) / 100} or raise "
-            "`max_output_megapixels`."
+            f"{max_output_pixels / 1e6:.1f} MP ({max_output_pixels} px). Use a factor of at most "
+            f"{_largest_factor(h, w, max_output_pixels)} or raise `max_output_megapixels`."
         )
     return out_h, out_w
 
@@ -105,15 +132,19 @@ def prepare_image(
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
     multiple: int = 8,
 ) -> PreparedImage:
-    """Upsample image (B, C, H, W) in [0, 1] by ``factor`` and pad it to a multiple of ``multiple`` for the VAE."""
-    out_h, out_w = _validate(image, factor, max_output_pixels)
+    """Upsample image (B, C, H, W) float in [0, 1] by ``factor`` and pad it to a multiple of ``multiple`` for the VAE.
+
+    C is 1 (gray, repeated to RGB), 3, or 4 (RGB + alpha; alpha is upsampled on its own). The output frame is exactly
+    round(H·factor) × round(W·factor); a factor of 1 at the same size copies the pixels without interpolation.
+    """
+    out_h, out_w = _validate(image, factor, max_output_pixels, multiple)
     image = image.float()
     rgb, alpha = image[:, :3], image[:, 3:] if image.shape[1] == 4 else None
     if rgb.shape[1] == 1:
-        rgb = rgb.expand(-1, 3, -1, -1)
-    x_up01 = resize_image(rgb, out_h, out_w)  # (B, 3, H, W)
+        rgb = rgb.expand(-1, 3, -1, -1)  # (B, 3, H, W)
+    x_up01 = resize_image(rgb, out_h, out_w)  # (B, 3, out_h, out_w)
     if alpha is not None:
-        alpha = resize_image(alpha, out_h, out_w)  # (B, 1, H, W)
+        alpha = resize_image(alpha, out_h, out_w)  # (B, 1, out_h, out_w)
     padded_h, padded_w = math.ceil(out_h / multiple) * multiple, math.ceil(out_w / multiple) * multiple
     x = _reflect_pad(to_signed_range(x_up01), padded_h - out_h, padded_w - out_w)  # (B, 3, Hp, Wp)
     return PreparedImage(x=x, x_up01=x_up01, alpha=alpha, frame=PixelFrame(out_h, out_w, padded_h, padded_w))

@@ -20,6 +20,8 @@ from .schedule import NoiseSchedule, per_sample
 
 
 class Parameterisation(str, Enum):
+    """How a bundle's U-Net output ε̂ becomes x̂₀; the value is the letter stored in bundle metadata."""
+
     STANDARD = "S"
     SCALED_RESIDUAL = "R"
     PLAIN_RESIDUAL = "P"
@@ -31,8 +33,9 @@ class Parameterisation(str, Enum):
         if isinstance(value, cls):
             return value
         text = str(value).strip()
+        name = text.lower().replace("-", "_").replace(" ", "_")
         for member in cls:
-            if text.upper() == member.value or text.lower() == member.name.lower():
+            if text.upper() == member.value or name == member.name.lower():
                 return member
         choices = ", ".join(f"{m.value} ({m.name.lower()})" for m in cls)
         raise ValueError(f"unknown x0 parameterisation {value!r}; expected one of {choices}.")
@@ -57,7 +60,11 @@ def predict_x0(
     schedule: NoiseSchedule,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x̂₀ (B, 4, h, w) by parameterisation ``kind``; t (B,) float, all latents (B, 4, h, w)."""
+    """x̂₀ (B, 4, h, w) by parameterisation ``kind``; t (B,) float, all latents (B, 4, h, w).
+
+    ``z_in`` is only read by (S), ``noise`` only by (N) (None there means ε = 0); ``kind`` is a member or anything
+    :meth:`Parameterisation.parse` accepts.
+    """
     kind = Parameterisation.parse(kind)
     if kind is Parameterisation.STANDARD:
         alpha, sigma = per_sample(schedule.alpha(t), z_in), per_sample(schedule.sigma(t), z_in)
@@ -66,5 +73,7 @@ def predict_x0(
         return z_lq / per_sample(schedule.alpha(t), z_lq) - eps_hat
     if kind is Parameterisation.PLAIN_RESIDUAL:
         return z_lq - eps_hat
-    eps = noise if noise is not None else torch.zeros_like(eps_hat)
-    return z_lq + per_sample(schedule.w(t), z_lq) * (eps - eps_hat)
+    w = per_sample(schedule.w(t), z_lq)  # (B, 1, 1, 1)
+    if noise is None:  # no injected noise: ε = 0
+        return z_lq - w * eps_hat
+    return z_lq + w * (noise - eps_hat)

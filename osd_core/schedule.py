@@ -30,8 +30,9 @@ class ScheduleConfig:
     beta_schedule: str = "scaled_linear"
 
     def __post_init__(self) -> None:
-        if self.num_train_timesteps < 2:
-            raise ValueError(f"`num_train_timesteps` must be at least 2; got {self.num_train_timesteps}.")
+        steps = self.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"`num_train_timesteps` must be an integer of at least 2; got {steps!r}. SD uses 1000.")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ValueError(
                 f"betas must satisfy 0 < beta_start < beta_end < 1; got {self.beta_start} and {self.beta_end}."
@@ -41,12 +42,21 @@ class ScheduleConfig:
 
     @classmethod
     def from_diffusers(cls, config: dict) -> ScheduleConfig:
-        """Read a diffusers ``scheduler_config.json`` dict; keys that do not define the betas are ignored."""
+        """Read a diffusers ``scheduler_config.json`` dict; keys that do not define the betas are ignored.
+
+        ``clip_sample`` (True by DDPMScheduler's default) is ignored on purpose: it only acts inside
+        ``scheduler.step``, which we never call, since x̂₀ is computed in closed form (parameterisation.py).
+        """
         prediction = config.get("prediction_type", "epsilon")
         if prediction != "epsilon":
             raise ValueError(
-                f"the scheduler's prediction_type is {prediction!r}; one-step SR here needs an epsilon-prediction "
-                "model such as SD 2.1-base (not the 768-v model)."
+                f"the scheduler's `prediction_type` is {prediction!r}; one-step SR here needs an epsilon-prediction "
+                "model such as SD 2.1-base or SD-Turbo (not the 768-v model)."
+            )
+        if config.get("trained_betas") is not None:
+            raise ValueError(
+                "the scheduler config sets `trained_betas`; only the `linear` and `scaled_linear` beta schedules are "
+                "supported. Use SD 2.1-base's scheduler_config.json."
             )
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in names})
@@ -85,7 +95,8 @@ class NoiseSchedule:
         bad = ~torch.isfinite(t) | (t < 0) | (t > self.t_max)
         if bool(bad.any()):
             raise ValueError(
-                f"`timestep` must be finite and in [0, {self.t_max}]; got {t[bad].flatten()[:4].tolist()}."
+                f"`timestep` must be finite and in [0, {self.t_max}]; got {t.detach()[bad].flatten()[:4].tolist()}. "
+                f"Clamp it to [0, {self.t_max}] (e.g. 999 for OSEDiff)."
             )
         return t
 
@@ -111,5 +122,8 @@ class NoiseSchedule:
 
 
 def per_sample(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-sample (B,) tensor to broadcast over ``like`` (B, C, H, W): (B, 1, 1, 1)."""
+    """Reshape a per-sample (B,) tensor to broadcast over ``like`` (B, C, H, W): (B, 1, 1, 1) in like's dtype.
+
+    This is the schedule's broadcast helper: ``per_sample(schedule.alpha(t), z) * z`` scales each item by its own α_t.
+    """
     return x.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)

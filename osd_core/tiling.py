@@ -4,12 +4,15 @@ Tile origins step by (tile − overlap) and the last tile is snapped to end exac
 prediction is weighted by a separable gaussian, w(x) ∝ exp(−(x − m)² / (2 · 0.01 · T²)) with m = (T − 1)/2 on both
 axes (OSEDiff uses T/2 for y, a quirk we do not copy), and the tiles are averaged: Σ w·pred / Σ w. Tiling only
 happens when the area exceeds one tile (h·w > tile²), as in OSEDiff; otherwise one window covers everything.
+A tile is min(tile, h) × min(tile, w), clipped per axis: OSEDiff uses a square min(tile, h, w), which only adds tiles
+on long thin images without changing the blend's meaning.
 When a tile does not fit in memory, ``retry_smaller_tiles`` halves the tile size and tries again.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,8 +23,23 @@ GAUSSIAN_VAR = 0.01
 logger = logging.getLogger(__name__)
 
 
+def _is_int(value: object) -> bool:
+    """Python or numpy integers; not bools, not floats (a float tile size is a wiring mistake)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def validate_tiling(tile_latent: int, overlap_latent: int) -> None:
-    """Tile a positive multiple of 8, overlap in [0, tile)."""
+    """Tile a positive multiple of 8, overlap in [0, tile); both integers."""
+    if not _is_int(tile_latent) or not _is_int(overlap_latent):
+        raise ValueError(
+            f"`tile_size` and `tile_overlap` must be integers; got {tile_latent!r} and {overlap_latent!r}."
+        )
     if tile_latent <= 0 or tile_latent % 8:
         lower = max(8, tile_latent // 8 * 8)
         raise ValueError(
@@ -35,7 +53,12 @@ def validate_tiling(tile_latent: int, overlap_latent: int) -> None:
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Origins along one axis: steps of (tile − overlap), the last one flush with the end."""
+    """Origins along one axis: steps of (tile − overlap), the last one flush with the end; tile clipped to length."""
+    if length < 1 or tile < 1 or not 0 <= overlap < tile:
+        raise ValueError(
+            f"tile_starts needs length >= 1 and 0 <= overlap < tile; got length {length}, tile {tile}, "
+            f"overlap {overlap}."
+        )
     tile = min(tile, length)
     if tile == length:
         return [0]
@@ -55,6 +78,7 @@ class TileWindow:
     x1: int
 
     def slice(self, x: torch.Tensor) -> torch.Tensor:
+        """The window's view of x (..., H, W) -> (..., y1 - y0, x1 - x0)."""
         return x[..., self.y0 : self.y1, self.x0 : self.x1]
 
 
@@ -77,8 +101,16 @@ def _axis_weights(n: int, var: float) -> torch.Tensor:
 
 
 def gaussian_weights(h: int, w: int, *, var: float = GAUSSIAN_VAR) -> torch.Tensor:
-    """Separable gaussian blending weights (h, w) float32, peak 1 at the centre."""
+    """Separable gaussian blending weights (h, w) float32, peak 1 at the centre (var in units of the tile side²)."""
     return torch.outer(_axis_weights(h, var), _axis_weights(w, var)).float()  # (h, w)
+
+
+def _predict_checked(predict: Callable[[TileWindow], torch.Tensor], win: TileWindow, b: int, c: int) -> torch.Tensor:
+    pred = predict(win)  # (B, C, th, tw)
+    expected = (b, c, win.y1 - win.y0, win.x1 - win.x0)
+    if tuple(pred.shape) != expected:
+        raise ValueError(f"the tile predictor returned shape {tuple(pred.shape)} for {win}; expected {expected}.")
+    return pred
 
 
 def blend_tiles(
@@ -91,24 +123,33 @@ def blend_tiles(
     dtype: torch.dtype,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Σ w·predict(window) / Σ w over the tiles of a (B, C, h, w) prediction; ``callback(done, total)`` per tile."""
+    """Σ w·predict(window) / Σ w over the tiles of a (B, C, h, w) prediction; ``callback(done, total)`` per tile.
+
+    ``predict(window)`` returns the (B, C, th, tw) prediction for that window. The sums are kept in float32 (the
+    gaussian falls to ~1e-11 in a tile's corner, below half precision) and the ratio is returned in ``dtype``.
+    ``callback`` runs after every tile and may raise to cancel; the exception propagates.
+    """
     validate_tiling(tile_latent, overlap_latent)
     b, c, h, w = shape
     windows = tile_windows(h, w, tile_latent, overlap_latent)
-    if len(windows) == 1:
-        out = predict(windows[0]).to(device=device, dtype=dtype)  # (B, C, h, w)
+    if len(windows) == 1:  # Σ w·p / Σ w of a lone tile is p itself
+        out = _predict_checked(predict, windows[0], b, c).to(device=device, dtype=dtype)  # (B, C, h, w)
         if callback is not None:
             callback(1, 1)
         return out
     acc = torch.zeros(b, c, h, w, device=device, dtype=torch.float32)  # (B, C, h, w)
     norm = torch.zeros(1, 1, h, w, device=device, dtype=torch.float32)  # (1, 1, h, w)
+    weights: dict[tuple[int, int], torch.Tensor] = {}
     for done, win in enumerate(windows, start=1):
-        weight = gaussian_weights(win.y1 - win.y0, win.x1 - win.x0).to(device)  # (th, tw)
-        acc[..., win.y0 : win.y1, win.x0 : win.x1] += weight * predict(win).to(device=device, dtype=torch.float32)
-        norm[..., win.y0 : win.y1, win.x0 : win.x1] += weight
+        pred = _predict_checked(predict, win, b, c).to(device=device, dtype=torch.float32)  # (B, C, th, tw)
+        size = tuple(pred.shape[-2:])
+        if size not in weights:
+            weights[size] = gaussian_weights(*size).to(device)  # (th, tw)
+        win.slice(acc).add_(weights[size] * pred)
+        win.slice(norm).add_(weights[size])
         if callback is not None:
             callback(done, len(windows))
-    return (acc / norm).to(dtype)  # (B, C, h, w)
+    return acc.div_(norm).to(dtype)  # (B, C, h, w)
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

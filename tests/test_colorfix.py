@@ -61,3 +61,72 @@ def test_errors():
 
 def test_keeps_dtype():
     assert adain_color_fix(TARGET.half(), SOURCE.half()).dtype == torch.float16
+
+
+def test_dispatch_matches_the_functions():
+    torch.testing.assert_close(color_fix(TARGET, SOURCE, "adain"), adain_color_fix(TARGET, SOURCE), atol=0, rtol=0)
+    torch.testing.assert_close(color_fix(TARGET, SOURCE, "wavelet"), wavelet_color_fix(TARGET, SOURCE), atol=0, rtol=0)
+
+
+def test_one_level_blur_of_a_delta_is_the_binomial_kernel():
+    x = torch.zeros(1, 3, 9, 9)
+    x[..., 4, 4] = 1.0
+    high, low = wavelet_decomposition(x, levels=1)
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    torch.testing.assert_close(low[0, 1, 3:6, 3:6], kernel)
+    assert low.sum().item() == pytest.approx(3.0) and low[0, 0, :3].abs().max() == 0
+    torch.testing.assert_close(high, x - low)
+
+
+def test_second_level_is_dilated_by_2():
+    x = torch.zeros(1, 3, 17, 17)
+    x[..., 8, 8] = 1.0
+    _, low1 = wavelet_decomposition(x, levels=1)
+    _, low2 = wavelet_decomposition(x, levels=2)
+    # level 2 blurs level 1 with taps 2 px apart: low2[8, 8] = Σ k[i, j] · low1[8 + 2(i-1), 8 + 2(j-1)]
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    taps = low1[0, 0, 6:11:2, 6:11:2]
+    assert low2[0, 0, 8, 8].item() == pytest.approx((kernel * taps).sum().item(), abs=1e-7)
+
+
+def test_replicate_padding_keeps_a_constant_image_constant():
+    x = torch.full((1, 3, 10, 13), 0.42)
+    high, low = wavelet_decomposition(x)
+    torch.testing.assert_close(low, x)
+    assert high.abs().max() < 1e-6
+
+
+def test_wavelet_keeps_the_targets_detail_and_the_sources_colour():
+    target = TARGET[:1]
+    source = torch.full_like(target, 0.5)
+    out = wavelet_color_fix(target, source)
+    target_high, _ = wavelet_decomposition(target)
+    torch.testing.assert_close(out, (target_high + 0.5).clamp(0, 1), atol=1e-6, rtol=0)
+
+
+def test_a_single_reference_serves_a_batch_and_mismatched_batches_fail():
+    out = adain_color_fix(TARGET, SOURCE[:1])
+    torch.testing.assert_close(out[1], adain_color_fix(TARGET[1:], SOURCE[:1])[0])
+    out = wavelet_color_fix(TARGET, SOURCE[:1])
+    torch.testing.assert_close(out[1], wavelet_color_fix(TARGET[1:], SOURCE[:1])[0])
+    with pytest.raises(ValueError, match="reference batch has 2 images but the output has 3"):
+        wavelet_color_fix(torch.rand(3, 3, 8, 8), torch.rand(2, 3, 8, 8))
+
+
+def test_size_and_pixel_count_errors():
+    with pytest.raises(ValueError, match=r"output \(2, 3, 40, 36\) and reference \(2, 3, 40, 10\)"):
+        wavelet_color_fix(TARGET, SOURCE[..., :10])
+    with pytest.raises(ValueError, match="at least 2 pixels.*1x1"):
+        adain_color_fix(torch.rand(1, 3, 1, 1), torch.rand(1, 3, 1, 1))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        adain_color_fix(TARGET[0], SOURCE[0])
+    with pytest.raises(ValueError, match=r"`method` must be one of .*got 'Adain'"):
+        color_fix(TARGET, SOURCE, "Adain")
+
+
+def test_outputs_are_clamped_and_keep_dtype():
+    wild = torch.rand(1, 3, 16, 16) * 3 - 1
+    for fix in (adain_color_fix, wavelet_color_fix):
+        out = fix(wild, torch.rand(1, 3, 16, 16))
+        assert out.min() >= 0 and out.max() <= 1
+        assert fix(TARGET.to(torch.bfloat16), SOURCE.to(torch.bfloat16)).dtype == torch.bfloat16

@@ -93,3 +93,64 @@ def test_config_from_diffusers_and_validation():
 def test_per_sample_broadcast():
     x = torch.zeros(3, 4, 5, 6)
     assert per_sample(torch.tensor([1.0, 2.0, 3.0]), x).shape == (3, 1, 1, 1)
+
+
+def test_message_names_timestep_value_and_range():
+    with pytest.raises(ValueError, match=r"`timestep` must be finite and in \[0, 999\]; got \[1000\.5\]"):
+        NoiseSchedule().sigma(torch.tensor([3.0, 1000.5]))
+
+
+@pytest.mark.parametrize("k", [0, 1, 119, 500, 997, 998])
+def test_continuous_on_both_sides_of_each_integer_and_monotone(k):
+    sched = NoiseSchedule()
+    t = torch.tensor([k - 1e-7 if k else 0.0, float(k), k + 1e-7, k + 0.5, k + 1.0], dtype=torch.float64)
+    a, s = sched.alpha(t), sched.sigma(t)
+    # a step of 1e-7 moves α and σ by at most slope · 1e-7 < 1e-8 (the steepest σ slope is ~0.04 per step near 0)
+    assert (a[:3] - a[1]).abs().max() < 1e-8 and (s[:3] - s[1]).abs().max() < 1e-8
+    # α falls and σ rises with t, and the midpoint is the mean of the two table entries
+    assert a[1] > a[3] > a[4] and s[1] < s[3] < s[4]
+    assert a[3].item() == pytest.approx(0.5 * (a[1] + a[4]).item(), abs=1e-12)
+
+
+def test_gradient_per_sample_including_the_last_interval():
+    sched = NoiseSchedule()
+    a = sched.alphas_cumprod.sqrt()
+    s = (1 - sched.alphas_cumprod).sqrt()
+    t = torch.tensor([0.0, 20.5, 998.7, 999.0], dtype=torch.float64, requires_grad=True)
+    (grad_a,) = torch.autograd.grad(sched.alpha(t).sum(), t)
+    (grad_s,) = torch.autograd.grad(sched.sigma(t).sum(), t)
+    for i, k in enumerate([0, 20, 998, 998]):  # t = 999 lies on the last interval [998, 999]
+        assert grad_a[i].item() == pytest.approx((a[k + 1] - a[k]).item(), rel=1e-9)
+        assert grad_s[i].item() == pytest.approx((s[k + 1] - s[k]).item(), rel=1e-9)
+
+
+def test_w_is_sigma_over_alpha_of_the_interpolants_and_half_precision_t_gives_float32():
+    sched = NoiseSchedule()
+    t = torch.tensor([333.25, 2.75])
+    torch.testing.assert_close(sched.w(t), sched.sigma(t) / sched.alpha(t))
+    assert sched.alpha(t.half()).dtype == torch.float32
+    assert sched.alphas_cumprod.dtype == torch.float64 and sched.alphas_cumprod.shape == (1000,)
+
+
+def test_linear_schedule_from_the_beta_formula():
+    cfg = ScheduleConfig(beta_schedule="linear", num_train_timesteps=10, beta_start=0.001, beta_end=0.019)
+    betas = [0.001 + 0.002 * i for i in range(10)]  # linspace(0.001, 0.019, 10)
+    expected, prod = [], 1.0
+    for beta in betas:
+        prod *= 1 - beta
+        expected.append(prod)
+    torch.testing.assert_close(NoiseSchedule(cfg).alphas_cumprod, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_scaled_linear_first_and_last_betas():
+    abar = NoiseSchedule().alphas_cumprod
+    assert abar[0].item() == pytest.approx(1 - 0.00085, abs=1e-12)
+    assert (1 - abar[999] / abar[998]).item() == pytest.approx(0.012, abs=1e-12)
+
+
+def test_diffusers_config_edge_cases():
+    with pytest.raises(ValueError, match="trained_betas"):
+        ScheduleConfig.from_diffusers({"trained_betas": [0.1, 0.2]})
+    assert ScheduleConfig.from_diffusers({"trained_betas": None, "prediction_type": "epsilon"}) == ScheduleConfig()
+    with pytest.raises(ValueError, match=r"`num_train_timesteps` must be an integer of at least 2; got 1000\.0"):
+        ScheduleConfig(num_train_timesteps=1000.0)

@@ -5,6 +5,12 @@ import itertools
 import pytest
 import torch
 
+try:
+    from hypothesis import assume, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # the parametrised grid above still covers the property
+    given = None
+
 from osd_core.tiling import (TileWindow, blend_tiles, gaussian_weights, retry_smaller_tiles, tile_starts, tile_windows,
                             validate_tiling)
 
@@ -106,3 +112,82 @@ def test_out_of_memory_gives_up_at_the_minimum_and_other_errors_pass_through():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         retry_smaller_tiles(broken, 64, 16)
+
+
+if given is not None:
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(h=st.integers(1, 90), w=st.integers(1, 90), tile=st.sampled_from([8, 16, 24, 32, 64]), data=st.data())
+    def test_identity_property_any_size_tile_and_overlap(h, w, tile, data):
+        overlap = data.draw(st.integers(0, tile - 1))
+        assume(len(tile_windows(h, w, tile, overlap)) <= 200)  # keep each example fast
+        x = torch.randn(1, 2, h, w, generator=torch.Generator().manual_seed(h * 97 + w))
+        torch.testing.assert_close(_identity_blend(x, tile, overlap), x, atol=1e-6, rtol=1e-6)
+
+
+def test_blend_is_a_convex_combination_of_the_tiles():
+    values = {}
+
+    def constant_per_tile(win):
+        values[win] = float(len(values))
+        return torch.full((1, 1, win.y1 - win.y0, win.x1 - win.x0), values[win])
+
+    out = blend_tiles(constant_per_tile, (1, 1, 50, 70), tile_latent=24, overlap_latent=8, device="cpu",
+                      dtype=torch.float32)
+    assert out.min() >= -1e-5 and out.max() <= max(values.values()) + 1e-5
+    assert out[0, 0, 0, 0] == 0.0  # the corner is covered by the first tile only
+    assert len(torch.unique(out)) > len(values)  # overlaps blend, not overwrite
+
+
+def test_blend_output_dtype_and_float32_accumulation():
+    x = torch.rand(1, 4, 40, 44, generator=torch.Generator().manual_seed(1))
+    out = blend_tiles(lambda w: w.slice(x).half(), tuple(x.shape), tile_latent=16, overlap_latent=8, device="cpu",
+                      dtype=torch.float16)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, x.half(), atol=1e-3, rtol=1e-3)
+    single = blend_tiles(lambda w: w.slice(x), tuple(x.shape), tile_latent=64, overlap_latent=8, device="cpu",
+                         dtype=torch.float64)
+    assert single.dtype == torch.float64 and torch.equal(single, x.double())
+
+
+def test_wrong_predictor_shape_is_refused():
+    with pytest.raises(ValueError, match=r"predictor returned shape \(1, 1, 8, 8\).*expected \(2, 1, 16, 16\)"):
+        blend_tiles(lambda w: torch.zeros(1, 1, 8, 8), (2, 1, 40, 40), tile_latent=16, overlap_latent=8,
+                    device="cpu", dtype=torch.float32)
+
+
+def test_non_integer_tiling_and_bad_starts_are_refused():
+    with pytest.raises(ValueError, match=r"integers; got 96\.0"):
+        validate_tiling(96.0, 32)
+    with pytest.raises(ValueError, match=r"got 64 and True"):
+        validate_tiling(64, True)
+    with pytest.raises(ValueError, match="overlap 32"):
+        tile_starts(100, 32, 32)
+    with pytest.raises(ValueError, match=r"`tile_overlap` \(96\) must .*smaller than `tile_size` \(64\)"):
+        validate_tiling(64, 96)
+
+
+def test_small_tile_sizes_suggest_multiples_of_8():
+    with pytest.raises(ValueError, match="got 4. Use 8 or 16"):
+        validate_tiling(4, 0)
+    with pytest.raises(ValueError, match="got 0. Use 8 or 16"):
+        validate_tiling(0, 0)
+
+
+def test_windows_are_clipped_per_axis_and_flush():
+    windows = tile_windows(10, 1000, 96, 32)  # 10·1000 > 96², so it tiles, with 10 x 96 tiles
+    assert {(w.y0, w.y1) for w in windows} == {(0, 10)}
+    assert [w.x0 for w in windows] == [64 * i for i in range(15)] + [904] and windows[-1].x1 == 1000
+
+
+def test_even_tile_weights_use_mean_t_minus_1_over_2():
+    w = gaussian_weights(8, 1)[:, 0]
+    expected = torch.exp(-(torch.arange(8.0) - 3.5) ** 2 / (2 * 0.01 * 64))
+    torch.testing.assert_close(w, expected)
+    assert w[3] == w[4]  # OSEDiff's T/2 quirk would make these differ
+    assert torch.isclose(gaussian_weights(1, 5, var=0.5)[0, 0],
+                         torch.exp(torch.tensor(-4 / (2 * 0.5 * 25))))
+
+
+def test_tile_window_slice_takes_the_last_two_dims():
+    x = torch.arange(2 * 3 * 5 * 7).reshape(2, 3, 5, 7)
+    assert torch.equal(TileWindow(1, 4, 2, 6).slice(x), x[:, :, 1:4, 2:6])
