@@ -220,3 +220,28 @@ def test_load_model_node_converts_an_official_pkl(comfy, models_dir):
     finally:  # keep the session's model list as the other tests expect it
         pkl.unlink()
         cached.unlink(missing_ok=True)
+
+
+def _tag_as_cuda(path) -> None:
+    """Rewrite a torch.save zip so its tensors claim to live on cuda:0, as the released files do."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as source:
+        entries = {name: source.read(name) for name in source.namelist()}
+    data = next(name for name in entries if name.endswith("data.pkl"))
+    entries[data] = entries[data].replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for name, payload in entries.items():
+            target.writestr(name, payload)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
+def test_cuda_saved_file_loads_on_a_cpu_only_machine(tmp_path):
+    ckpt, _ = make_official("osediff")
+    path = tmp_path / "osediff.pkl"
+    torch.save(ckpt, path)
+    _tag_as_cuda(path)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(str(path), weights_only=True)  # what the official loader (no map_location) would do here
+    meta, tensors = import_official(path)
+    assert meta.method == "osediff" and all(t.device.type == "cpu" for t in tensors.values())
