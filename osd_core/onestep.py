@@ -28,6 +28,11 @@ ConvInHook = Callable[[TileWindow], Callable[[torch.Tensor], torch.Tensor]]
 Callback = Callable[[int, int], None]
 
 
+def plain_call(unet) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """ε̂ = UNet(z, t, c): the one-pass U-Net call."""
+    return lambda z, t, cond: unet(z, t, encoder_hidden_states=cond).sample
+
+
 @contextmanager
 def _conv_in_modulation(unet, modulate: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator[None]:
     """Apply ``modulate`` to the output of ``unet.conv_in`` for the duration of the block."""
@@ -53,12 +58,14 @@ def one_step_denoise(
     tile_latent: int = 96,
     overlap_latent: int = 32,
     conv_in_hook: ConvInHook | None = None,
+    unet_call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Return ẑ₀ (B, 4, h, w) float32 on z_lq's device.
 
     z_lq (B, 4, h, w) scaled latent; cond (B, L, D) cross-attention states; t (B,) float timesteps in [0, T-1];
-    noise (B, 4, h, w) or None. The U-Net runs in its own dtype and device; the x̂₀ arithmetic in float32 because
+    noise (B, 4, h, w) or None. ``unet_call(z, t, cond) -> ε̂`` replaces the plain U-Net call (PiSA-SR's two-pass
+    λ control, ``osd_core.pisa``). The U-Net runs in its own dtype and device; the x̂₀ arithmetic in float32 because
     at t = 999 it divides by α ≈ 0.068, which amplifies half-precision rounding of ε̂ fifteen-fold.
     """
     validate_tiling(tile_latent, overlap_latent)
@@ -70,11 +77,12 @@ def one_step_denoise(
     z_in = noisy_latent(z_lq, t, schedule, noise)  # (B, 4, h, w)
     unet_t = t.to(param.device)
     unet_cond = cond.to(device=param.device, dtype=param.dtype)
+    call = unet_call or plain_call(unet)
 
     def predict(win: TileWindow) -> torch.Tensor:
         tile = win.slice(z_in).to(device=param.device, dtype=param.dtype)  # (B, 4, th, tw)
         with _conv_in_modulation(unet, conv_in_hook(win) if conv_in_hook is not None else None):
-            eps = unet(tile, unet_t, encoder_hidden_states=unet_cond).sample  # (B, 4, th, tw)
+            eps = call(tile, unet_t, unet_cond)  # (B, 4, th, tw)
         return eps.float().to(z_lq.device)
 
     eps_hat = blend_tiles(
