@@ -1,9 +1,17 @@
 """The adapter bundle: one .safetensors file per trained model (DESIGN.md "Adapter bundle format").
 
 Tensors live under component prefixes (``unet_lora.``, ``vae_encoder_lora.``, ``unet_conv_in.``, ``tae.``, ``mine.``,
-``lqfm.``, ``vpim.``, ``mem.``); the string metadata holds everything needed to rebuild the modules without any other
-file: format version, method, base-model family, x̂₀ parameterisation, LoRA ranks/alphas/adapters with their target
-modules, each module's hyperparameters and the method's inference defaults. Nested values are JSON-encoded.
+``lqfm.``, ``vpim.``, ``mem.``); LoRA tensors keep the official peft key grammar after the prefix
+(``unet_lora.<module>.lora_A.<adapter>.weight``). The string metadata holds everything needed to rebuild the modules
+without any other file, one entry per ``BundleMeta`` field, nested values JSON-encoded:
+
+* ``format_version`` (``BUNDLE_FORMAT_VERSION``), ``method``, ``base_family`` (``models.base_family``),
+  ``parameterisation`` (x̂₀ formula letter S/R/P/N, SPEC.md §0.6);
+* ``lora``: per LoRA component ("unet", "vae_encoder") ``{"rank", "alpha", "adapters": {name: [module names]}}``;
+  the scale is alpha / rank (official releases: peft's default alpha 8);
+* ``modules``: the component prefixes present; ``hyperparameters``: each method module's config;
+  ``defaults``: the method's inference defaults (timestep, tile_size, tile_overlap, color_fix, ...);
+  ``extra``: free-form provenance (source file, its sha256, ...).
 """
 
 from __future__ import annotations
@@ -23,13 +31,35 @@ from .parameterisation import Parameterisation
 
 BUNDLE_FORMAT_VERSION = 1
 KNOWN_MODULES = ("unet_lora", "vae_encoder_lora", "unet_conv_in", "tae", "mine", "lqfm", "vpim", "mem")
-METHODS = ("osediff", "tadsr", "codsr", "idas", "rcod", "pisa-sr", "custom")
+# LoRA component in ``BundleMeta.lora`` -> the prefix its tensors live under.
+LORA_PREFIXES = {"unet": "unet_lora", "vae_encoder": "vae_encoder_lora"}
+METHODS = ("osediff", "tadsr", "codsr", "idas", "rcod", "pisa-sr", "custom", "none")
 _JSON_FIELDS = ("lora", "modules", "hyperparameters", "defaults", "extra")
+_REQUIRED = ("format_version", "method", "base_family")
+
+
+def _check_lora(component: str, spec: Any) -> None:
+    where = f"bundle LoRA entry {component!r}"
+    if component not in LORA_PREFIXES:
+        raise ValueError(f"{where} is unknown; expected one of {sorted(LORA_PREFIXES)}.")
+    if not isinstance(spec, dict) or not {"rank", "alpha", "adapters"} <= set(spec):
+        got = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
+        raise ValueError(f"{where} needs rank, alpha and adapters; got {got}.")
+    rank, alpha, adapters = spec["rank"], spec["alpha"], spec["adapters"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{where}: `rank` must be a positive integer; got {rank!r}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"{where}: `alpha` must be a positive number; got {alpha!r}.")
+    if not isinstance(adapters, dict) or not adapters:
+        raise ValueError(f"{where}: `adapters` must map adapter names to module-name lists; got {adapters!r}.")
+    for name, targets in adapters.items():
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"{where}: adapter {name!r} must list its target module names; got {targets!r}.")
 
 
 @dataclass(frozen=True)
 class BundleMeta:
-    """What a bundle declares about itself; validated on construction."""
+    """What a bundle declares about itself (the fields of its metadata); validated on construction."""
 
     method: str
     base_family: str
@@ -42,24 +72,41 @@ class BundleMeta:
     format_version: int = BUNDLE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.format_version < 1:
-            raise ValueError(f"bundle format version {self.format_version} is not a OneStep SR format (1 and up).")
-        if self.format_version > BUNDLE_FORMAT_VERSION:
-            raise ValueError(
-                f"bundle format version {self.format_version} is newer than this pack supports "
-                f"({BUNDLE_FORMAT_VERSION}); update comfyui-onestep-sr."
-            )
+        _check_version(self.format_version)
         if self.method not in METHODS:
             raise ValueError(f"bundle method {self.method!r} is unknown; expected one of {METHODS}.")
+        if not isinstance(self.base_family, str) or not self.base_family:
+            raise ValueError(
+                f"bundle `base_family` must be a non-empty string such as 'sd2'; got {self.base_family!r}."
+            )
         Parameterisation.parse(self.parameterisation)
+        for name in ("lora", "hyperparameters", "defaults", "extra"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"bundle `{name}` must be a dict; got {type(getattr(self, name)).__name__}.")
         unknown = [m for m in self.modules if m not in KNOWN_MODULES]
         if unknown:
             raise ValueError(f"bundle declares unknown modules {unknown}; known: {KNOWN_MODULES}.")
         for component, spec in self.lora.items():
-            if not {"rank", "alpha", "adapters"} <= set(spec):
-                raise ValueError(f"LoRA entry {component!r} needs rank, alpha and adapters; got {sorted(spec)}.")
+            _check_lora(component, spec)
+            if LORA_PREFIXES[component] not in self.modules:
+                raise ValueError(f"bundle has a {component!r} LoRA entry but does not list "
+                                 f"{LORA_PREFIXES[component]!r} in its modules.")
+        undeclared = [m for m in self.modules if m in LORA_PREFIXES.values() and
+                      m not in {LORA_PREFIXES[c] for c in self.lora}]
+        if undeclared:
+            raise ValueError(f"bundle lists {undeclared} in its modules but has no `lora` entry (rank, alpha, "
+                             "adapters) for them.")
+        stray = sorted(set(self.hyperparameters) - set(self.modules))
+        if stray:
+            raise ValueError(f"bundle has hyperparameters for {stray}, which its modules {list(self.modules)} lack.")
+
+    def lora_scale(self, component: str) -> float:
+        """alpha / rank of a LoRA component ("unet" or "vae_encoder")."""
+        spec = self.lora[component]
+        return spec["alpha"] / spec["rank"]
 
     def to_metadata(self) -> dict[str, str]:
+        """The safetensors ``__metadata__``: one string per field, nested values as JSON."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -69,13 +116,28 @@ class BundleMeta:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> BundleMeta:
+        """Parse ``to_metadata``'s output; the format version is checked before anything else is read."""
         if "format_version" not in metadata or "method" not in metadata:
-            raise ValueError("it has no OneStep SR bundle metadata (format_version, method)")
+            raise ValueError("it has no OneStep SR bundle metadata (format_version, method); it is not an adapter "
+                             "bundle. Export bundles with the training package or `onestep-sr import`")
         try:
-            values: dict[str, Any] = {k: json.loads(metadata[k]) for k in _JSON_FIELDS if k in metadata}
-            values["format_version"] = int(metadata["format_version"])
-        except (ValueError, json.JSONDecodeError) as err:
-            raise ValueError(f"its metadata is not valid ({err})") from err
+            version = int(metadata["format_version"])
+        except ValueError as err:
+            raise ValueError(f"its format_version {metadata['format_version']!r} is not an integer") from err
+        _check_version(version)
+        absent = [k for k in _REQUIRED if k not in metadata]
+        if absent:
+            raise ValueError(f"its metadata lacks {absent}; re-export the bundle")
+        values: dict[str, Any] = {"format_version": version}
+        for key in _JSON_FIELDS:
+            if key in metadata:
+                try:
+                    values[key] = json.loads(metadata[key])
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"its metadata field {key!r} is not valid JSON ({err}); re-export the bundle") \
+                        from err
+        if not isinstance(values.get("modules", []), list):
+            raise ValueError(f"its metadata field 'modules' must be a list; got {metadata['modules']!r}")
         values["modules"] = tuple(values.get("modules", ()))
         for key in ("method", "base_family", "parameterisation"):
             if key in metadata:
@@ -83,8 +145,20 @@ class BundleMeta:
         return cls(**values)
 
 
+def _check_version(version: Any) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"bundle format version {version!r} is not a OneStep SR format version (1 and up).")
+    if version > BUNDLE_FORMAT_VERSION:
+        raise ValueError(
+            f"bundle format version {version} is newer than this pack supports ({BUNDLE_FORMAT_VERSION}); "
+            "update comfyui-onestep-sr."
+        )
+
+
 @dataclass
 class Bundle:
+    """A loaded bundle: validated metadata, its tensors (prefixed keys) and the file it came from."""
+
     meta: BundleMeta
     tensors: dict[str, torch.Tensor]
     path: str
@@ -95,13 +169,21 @@ class Bundle:
         return {k[len(head):]: v for k, v in self.tensors.items() if k.startswith(head)}
 
     def summary(self) -> str:
+        """A human-readable multi-line description: method, family, x̂₀ formula, LoRA, modules, defaults."""
         m = self.meta
-        lines = [f"bundle {Path(self.path).name}: method {m.method}, base family {m.base_family}, "
-                 f"x0 parameterisation {m.parameterisation}, format v{m.format_version}"]
+        formula = Parameterisation.parse(m.parameterisation).name.lower()
+        header = (f"bundle {Path(self.path).name}: method {m.method}, base family {m.base_family}, "
+                  f"x0 parameterisation {formula} ({m.parameterisation}), format v{m.format_version}")
+        lines = [header]
         for component, spec in m.lora.items():
-            sizes = ", ".join(f"{name} ({len(targets)} modules)" for name, targets in spec["adapters"].items())
+            tensors = self.component(LORA_PREFIXES[component])
+            sizes = []
+            for name, targets in spec["adapters"].items():
+                count = sum(v.numel() for k, v in tensors.items()
+                            if f".lora_A.{name}." in k or f".lora_B.{name}." in k)
+                sizes.append(f"{name} ({len(set(targets))} modules, {count:,} parameters)")
             lines.append(f"  LoRA {component}: rank {spec['rank']}, alpha {spec['alpha']} "
-                         f"(scale {spec['alpha'] / spec['rank']:g}); {sizes}")
+                         f"(scale {m.lora_scale(component):g}); " + ", ".join(sizes))
         for module in m.modules:
             count = sum(v.numel() for v in self.component(module).values())
             lines.append(f"  module {module}: {count:,} parameters")
@@ -111,8 +193,8 @@ class Bundle:
 
 
 def save_bundle(path: str | Path, meta: BundleMeta, tensors: dict[str, torch.Tensor]) -> None:
-    """Write atomically (temp file in the same folder, then rename)."""
-    _check_modules(meta, tensors, str(path))
+    """Write a bundle atomically (a temp file in the same folder, then ``os.replace``), tensors moved to the CPU."""
+    _check_modules(meta, tensors, repr(str(path)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -128,14 +210,15 @@ def save_bundle(path: str | Path, meta: BundleMeta, tensors: dict[str, torch.Ten
 def _check_modules(meta: BundleMeta, tensors: dict[str, torch.Tensor], where: str) -> None:
     empty = [m for m in meta.modules if not any(k.startswith(m + ".") for k in tensors)]
     if empty:
-        raise ValueError(f"bundle {where} declares modules {empty} but holds no tensors for them.")
+        raise ValueError(f"bundle {where} declares modules {empty} but holds no tensors for them; re-export it.")
     stray = sorted({k.split(".", 1)[0] for k in tensors} - set(meta.modules))
     if stray:
-        raise ValueError(f"bundle {where} holds tensors of undeclared components {stray}.")
+        raise ValueError(f"bundle {where} holds tensors of undeclared components {stray}; declare them in "
+                         "`modules` or leave them out.")
 
 
 def load_bundle(path: str | Path, *, expected_family: str | None = None) -> Bundle:
-    """Read and validate a bundle; ``expected_family`` is the loaded base model's family."""
+    """Read and validate a bundle on the CPU; ``expected_family`` is the loaded base model's family."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -144,7 +227,7 @@ def load_bundle(path: str | Path, *, expected_family: str | None = None) -> Bund
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(
             f"bundle {str(path)!r} is not a valid safetensors file ({err}); it is probably truncated or corrupt. "
@@ -155,10 +238,11 @@ def load_bundle(path: str | Path, *, expected_family: str | None = None) -> Bund
     except (ValueError, TypeError) as err:
         raise ValueError(f"bundle {str(path)!r} cannot be used: {err}") from err
     if expected_family is not None and meta.base_family != expected_family:
+        wanted = "an SD 2.x base model (SD 2.1-base or SD-Turbo)" if meta.base_family == "sd2" \
+            else f"the {meta.base_family!r} base model it was made for"
         raise ValueError(
             f"bundle {str(path)!r} was made for base family {meta.base_family!r} but the loaded model is "
-            f"{expected_family!r}; load the base model it was trained on (e.g. SD 2.1-base for 'sd2') or a bundle "
-            "trained for this model."
+            f"{expected_family!r}; load {wanted} or a bundle trained for the loaded model."
         )
     _check_modules(meta, tensors, repr(str(path)))
     return Bundle(meta=meta, tensors=tensors, path=str(path))

@@ -52,7 +52,7 @@ def adain_color_fix(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 
 
 def _binomial_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Per-channel 3×3 binomial blur [[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16, dilated by and replicate-padded by ``radius``.
+    """Per-channel 3×3 binomial blur [[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16, dilation and replicate padding ``radius``.
 
     The kernel is the outer product of [1, 2, 1] / 4 with itself, so it runs as two 1-D passes of shifted slices:
     the same operator as the depthwise dilated conv, about twice as fast on the CPU and with no kernel to place.

@@ -107,8 +107,8 @@ def _validate(image: torch.Tensor, factor: float, max_output_pixels: int, multip
         )
     if out_h * out_w > max_output_pixels:
         raise ValueError(
-            f"`upscale_factor` {factor} makes a {out_w}x{out_h} output ({out_h * out_w / 1e6:.1f} MP), above the cap of "
-            f"{max_output_pixels / 1e6:.1f} MP ({max_output_pixels} px). Use a factor of at most "
+            f"`upscale_factor` {factor} makes a {out_w}x{out_h} output ({out_h * out_w / 1e6:.1f} MP), above the "
+            f"cap of {max_output_pixels / 1e6:.1f} MP ({max_output_pixels} px). Use a factor of at most "
             f"{_largest_factor(h, w, max_output_pixels)} or raise `max_output_megapixels`."
         )
     return out_h, out_w

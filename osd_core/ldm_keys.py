@@ -120,7 +120,7 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
 
 def strip_text_prefix(key: str) -> str:
     """CLIPTextModel keys carry a ``text_model.`` prefix in transformers 4 and none in transformers 5."""
-    return key[len("text_model."):] if key.startswith("text_model.") else key
+    return key.removeprefix("text_model.")
 
 
 def text_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

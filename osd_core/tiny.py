@@ -7,11 +7,22 @@ projections), the VAE its ×8 downscale with four levels, the text encoder CLIP'
 
 from __future__ import annotations
 
+import copy
+import shutil
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .models import SDComponents, base_family, cast, load_tokenizer
+from .models import (
+    BUNDLED_SD2,
+    CONFIG_DIR,
+    SDComponents,
+    base_family,
+    cast,
+    load_tokenizer,
+)
 from .schedule import NoiseSchedule
 
 TINY_UNET = dict(
@@ -34,15 +45,16 @@ TINY_TEXT = dict(
 
 
 def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> SDComponents:
-    """Random tiny U-Net, VAE and text encoder (seeded) with the bundled tokenizer and the SD schedule."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # module constructors draw from the global RNG; restored below
-    try:
+    """Random tiny U-Net, VAE and text encoder (seeded) with the bundled tokenizer and the SD 2.1-base schedule.
+
+    The same seed gives bit-identical weights; the caller's global RNG state is left as it was.
+    """
+    # diffusers/transformers constructors draw their initial weights from the global RNG, so seed it inside a fork
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         unet = UNet2DConditionModel(**TINY_UNET)
         vae = AutoencoderKL(**TINY_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
-    finally:
-        torch.random.set_rng_state(generator_state)
     for module in (unet, vae, text_encoder):
         cast(module, dtype).eval().requires_grad_(False)
     return SDComponents(
@@ -51,16 +63,19 @@ def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> SDComp
     )
 
 
-def save_tiny_diffusers(folder, seed: int = 0) -> SDComponents:
-    """Write tiny components as a diffusers model folder (unet/, vae/, text_encoder/, tokenizer/)."""
-    from pathlib import Path
-
+def save_tiny_diffusers(folder: str | Path, seed: int = 0) -> SDComponents:
+    """Write tiny components as a complete diffusers model folder (unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/ with SD 2.1-base's betas, model_index.json); returns the components written."""
     folder = Path(folder)
     components = tiny_components(seed)
     components.unet.save_pretrained(str(folder / "unet"))
     components.vae.save_pretrained(str(folder / "vae"))
     components.text_encoder.save_pretrained(str(folder / "text_encoder"))
     components.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(CONFIG_DIR / BUNDLED_SD2 / "scheduler" / "scheduler_config.json",
+                    folder / "scheduler" / "scheduler_config.json")
+    shutil.copyfile(CONFIG_DIR / BUNDLED_SD2 / "model_index.json", folder / "model_index.json")
     return components
 
 
@@ -88,10 +103,14 @@ def _perturb_zeros(module: torch.nn.Module, generator: torch.Generator, std: flo
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-def tiny_bundle(*, method: str = "osediff", rank: int = 4, seed: int = 0, lora_std: float = 0.05):
-    """A bundle (meta, tensors) for the tiny components: OSEDiff-layout LoRA (U-Net in three adapters, VAE encoder),
-    the full conv_in, and the method's modules, with random non-zero LoRA B matrices and heads so the bundle
-    visibly changes the output."""
+def tiny_bundle(
+    components: SDComponents | None = None, *, method: str = "osediff", rank: int = 4, seed: int = 0,
+    lora_std: float = 0.05,
+):
+    """A bundle (meta, tensors) for tiny components (``tiny_components(seed)`` when none are given; those given are
+    not modified): OSEDiff-layout LoRA (U-Net in three adapters, VAE encoder), the full conv_in, and the method's
+    modules, with random non-zero LoRA B matrices, conv_in offsets and heads (std ``lora_std``) so the bundle visibly
+    changes the output."""
     from .adapters import collect_bundle_tensors, inject_bundle_lora
     from .bundle import BundleMeta
     from .lora import PEFT_DEFAULT_ALPHA, unet_lora_targets, vae_encoder_lora_targets
@@ -100,7 +119,7 @@ def tiny_bundle(*, method: str = "osediff", rank: int = 4, seed: int = 0, lora_s
     if method not in TINY_METHODS:
         raise ValueError(f"`method` must be one of {sorted(TINY_METHODS)}; got {method!r}.")
     parameterisation, defaults, module_configs = TINY_METHODS[method]
-    components = tiny_components(seed)
+    components = tiny_components(seed) if components is None else copy.deepcopy(components)
     lora = {
         "unet": {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA, "adapters": unet_lora_targets(components.unet)},
         "vae_encoder": {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA,
@@ -117,8 +136,12 @@ def tiny_bundle(*, method: str = "osediff", rank: int = 4, seed: int = 0, lora_s
     generator = torch.Generator().manual_seed(seed + 1)
     tensors = collect_bundle_tensors(components, meta)
     for key, value in tensors.items():
-        if ".lora_B." in key:
+        if ".lora_A." in key:  # peft's gaussian init (std 1/r) draws from the global RNG; redraw it seeded
+            tensors[key] = torch.randn(value.shape, generator=generator) / rank
+        elif ".lora_B." in key:
             tensors[key] = torch.randn(value.shape, generator=generator) * lora_std
+        elif key.startswith("unet_conv_in."):  # a trained conv_in differs from the base one; make that visible
+            tensors[key] = value + torch.randn(value.shape, generator=generator).to(value.dtype) * lora_std
     for name, config in configs.items():
         module = build_module(name, config, components)
         _perturb_zeros(module, generator, lora_std)

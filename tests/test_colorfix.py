@@ -130,3 +130,14 @@ def test_outputs_are_clamped_and_keep_dtype():
         out = fix(wild, torch.rand(1, 3, 16, 16))
         assert out.min() >= 0 and out.max() <= 1
         assert fix(TARGET.to(torch.bfloat16), SOURCE.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("radius", [1, 2, 4, 8, 16])
+def test_blur_equals_the_depthwise_dilated_conv_of_spec_9(radius):
+    from osd_core.colorfix import _binomial_blur
+
+    x = torch.rand(2, 3, 11, 19, generator=torch.Generator().manual_seed(radius))
+    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]).div(16).expand(3, 1, 3, 3)
+    padded = torch.nn.functional.pad(x, (radius,) * 4, mode="replicate")
+    expected = torch.nn.functional.conv2d(padded, kernel, groups=3, dilation=radius)
+    torch.testing.assert_close(_binomial_blur(x, radius), expected, atol=1e-6, rtol=0)

@@ -5,8 +5,7 @@ import re
 import pytest
 import torch
 
-from osd_core.imageprep import (PixelFrame, crop_to_frame, prepare_image, resize_image, to_signed_range,
-                                to_unit_range)
+from osd_core.imageprep import PixelFrame, crop_to_frame, prepare_image, resize_image, to_signed_range, to_unit_range
 
 
 @pytest.mark.parametrize("h,w", [(8, 8), (9, 13), (29, 37), (64, 48), (17, 100)])

@@ -43,8 +43,9 @@ def test_interpolates_alpha_and_sigma_separately_and_linearly():
     a = sched.alphas_cumprod.sqrt()
     s = (1 - sched.alphas_cumprod).sqrt()
     t = torch.tensor([100.25, 998.5], dtype=torch.float64)
-    torch.testing.assert_close(sched.alpha(t), torch.stack([0.75 * a[100] + 0.25 * a[101], 0.5 * a[998] + 0.5 * a[999]]))
-    torch.testing.assert_close(sched.sigma(t), torch.stack([0.75 * s[100] + 0.25 * s[101], 0.5 * s[998] + 0.5 * s[999]]))
+    for table, fn in ((a, sched.alpha), (s, sched.sigma)):
+        expected = torch.stack([0.75 * table[100] + 0.25 * table[101], 0.5 * table[998] + 0.5 * table[999]])
+        torch.testing.assert_close(fn(t), expected)
 
 
 def test_continuous_at_integers_and_exact_at_999():

@@ -8,11 +8,18 @@ import torch
 try:
     from hypothesis import assume, given, settings
     from hypothesis import strategies as st
-except ImportError:  # the parametrised grid above still covers the property
+except ImportError:  # the parametrised grid below still covers the property
     given = None
 
-from osd_core.tiling import (TileWindow, blend_tiles, gaussian_weights, retry_smaller_tiles, tile_starts, tile_windows,
-                            validate_tiling)
+from osd_core.tiling import (
+    TileWindow,
+    blend_tiles,
+    gaussian_weights,
+    retry_smaller_tiles,
+    tile_starts,
+    tile_windows,
+    validate_tiling,
+)
 
 
 def _identity_blend(x, tile, overlap, calls=None):
