@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..osd_core.onestep import one_step_denoise
+from ..osd_core.pisa import semantic_guidance
 from ..osd_core.sft import conv_in_hook
 from ..osd_core.tiling import retry_smaller_tiles
 from . import comfy_glue as glue
@@ -12,7 +13,8 @@ class OneStepSRDenoise:
     DESCRIPTION = (
         "The one U-Net step: z_t = z (or alpha_t z + sigma_t noise when noise is connected), eps = UNet(z_t, t, c) on "
         "gaussian-blended latent tiles, then x0 by the bundle's parameterisation. Progress is reported per tile and "
-        "the run can be cancelled between tiles. Out of memory, it retries with smaller tiles."
+        "the run can be cancelled between tiles. Out of memory, it retries with smaller tiles. With a PiSA-SR bundle, "
+        "lambda_pix and lambda_sem weigh its pixel and semantic LoRA (two U-Net passes unless both are 1)."
     )
     CATEGORY = glue.CATEGORY
     RETURN_TYPES = ("OSD_LATENT",)
@@ -37,21 +39,32 @@ class OneStepSRDenoise:
                 "noise": ("OSD_NOISE", {"tooltip": "Noise to start from (Gaussian, Sobel-weighted, CHARIOT mix). "
                                                    "Without it the latent itself is the U-Net input."}),
                 "sft": ("OSD_SFT", {"tooltip": "CODSR's LQFM modulation of the U-Net's first conv, sliced per tile."}),
+                "lambda_pix": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05,
+                                         "tooltip": "PiSA-SR pixel guidance: weight of the pixel-LoRA prediction. "
+                                                    "Higher removes more degradation; too high over-smooths. 1.0 "
+                                                    "with lambda_sem 1.0 is the official default (one U-Net pass)."}),
+                "lambda_sem": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05,
+                                         "tooltip": "PiSA-SR semantic guidance: weight of what the semantic LoRA "
+                                                    "adds. Lower (e.g. 0.6) favours fidelity, higher adds detail. "
+                                                    "Values other than 1 need a PiSA-SR bundle."}),
             },
         }
 
-    def denoise(self, model, latent, conditioning, timestep, tile_size, tile_overlap, noise=None, sft=None):
+    def denoise(self, model, latent, conditioning, timestep, tile_size, tile_overlap, noise=None, sft=None,
+                lambda_pix=1.0, lambda_sem=1.0):
         batch = latent.batch
         unet = model.components.unet
         eps = noise.for_latent(latent) if noise is not None else None
         sft = sft.for_latent(latent) if sft is not None else None
         hook = conv_in_hook(sft.gamma, sft.beta, sft.lam) if sft is not None else None
+        unet_call = semantic_guidance(unet, lambda_pix, lambda_sem, model_name=f"model {model.name!r}")
 
         def run(tile, overlap):
             return one_step_denoise(
                 unet, model.components.schedule, model.parameterisation, latent.z,
                 conditioning.for_batch(batch), timestep.for_batch(batch), noise=eps,
-                tile_latent=tile, overlap_latent=overlap, conv_in_hook=hook, callback=glue.progress_callback(),
+                tile_latent=tile, overlap_latent=overlap, conv_in_hook=hook, unet_call=unet_call,
+                callback=glue.progress_callback(),
             )
 
         with glue.on_device(unet):

@@ -13,9 +13,9 @@ from . import comfy_glue as glue
 class OneStepSRLoadModel:
     DESCRIPTION = (
         "Loads a Stable Diffusion 2.1-base class model and a OneStep SR adapter bundle (models/onestep_sr). "
-        "The bundle's method (OSEDiff, TADSR, CODSR, IDaS-SR, RCOD) decides the parameterisation and defaults; "
+        "The bundle's method (OSEDiff, TADSR, CODSR, IDaS-SR, RCOD, PiSA-SR) decides the parameterisation and defaults; "
         "with bundle 'none' the base model runs as plain SD, which is useful to check a graph's wiring. An official "
-        ".pkl release (OSEDiff, TADSR, CODSR) is converted once into a bundle next to it; the summary output says "
+        ".pkl release (OSEDiff, TADSR, CODSR, PiSA-SR) is converted once into a bundle next to it; the summary output says "
         "what was loaded and converted."
     )
     CATEGORY = glue.CATEGORY

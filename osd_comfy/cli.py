@@ -2,7 +2,7 @@
 
     onestep-sr upscale IN --out OUT [--scale 4] [--models-dir DIR] [--workflow FILE] [--base NAME] [--bundle NAME]
                        [--clip-vision NAME] [--seed N] [--comfyui DIR]
-    onestep-sr import FILE [--method {osediff,tadsr,codsr}] --out BUNDLE
+    onestep-sr import FILE [--method {osediff,tadsr,codsr,pisa-sr}] [--time-vae DIR [--base MODEL]] --out BUNDLE
     onestep-sr make-demo-models DIR
 
 ``upscale`` runs the workflow through a real ComfyUI executor in-process (see osd_comfy.runtime), so the command line
@@ -69,8 +69,8 @@ def _choose(runtime, kind: str, requested: str | None, in_workflow: str) -> str:
     if in_workflow in available:
         return in_workflow
     candidates = [name for name in available if name != "none"]
-    stem = Path(in_workflow).stem.lower()
-    similar = [name for name in candidates if stem and stem in name.lower()]
+    stem = Path(in_workflow).stem.lower().replace("_", "-")  # pisa_sr.pkl -> onestep-demo-pisa-sr.safetensors
+    similar = [name for name in candidates if stem and stem in name.lower().replace("_", "-")]
     if len(similar) == 1 or len(candidates) == 1:
         choice = similar[0] if len(similar) == 1 else candidates[0]
         logger.info("the workflow's %s %r is not installed; using %r", kind, in_workflow, choice)
@@ -204,19 +204,34 @@ def _uses_demo_models(runtime, prompt: dict) -> bool:
     return False
 
 
+def _base_vae(base: str | None):
+    """The VAE of ``--base`` (to compare TADSR's time_vae/ encoder with), or None."""
+    if base is None:
+        return None
+    from osd_core.models import load_sd_components
+
+    return load_sd_components(base).vae
+
+
 def import_weights(args) -> int:
     """Convert an official .pkl release into an adapter bundle."""
     from osd_core.bundle import save_bundle
     from osd_core.official_import import import_official
 
-    meta, tensors = import_official(args.file, method=args.method)
     out = Path(args.out)
     if out.resolve() == Path(args.file).resolve():
         raise UsageError("--out must not overwrite the official file")
+    if args.base is not None and args.time_vae is None:
+        raise UsageError("--base is only used with --time-vae (to keep the time_vae/ encoder weights that differ "
+                         "from it); leave it out")
+    meta, tensors = import_official(args.file, method=args.method, time_vae=args.time_vae,
+                                    base_vae=_base_vae(args.base))
     save_bundle(out, meta, tensors)
-    lora = meta.lora["unet"]
-    print(f"wrote {out}: {meta.method} bundle, U-Net LoRA rank {lora['rank']} (scale {lora['alpha'] / lora['rank']:g}), "
-          f"modules {', '.join(meta.modules)}; defaults {meta.defaults}")
+    lora = ", ".join(f"{component} LoRA rank {spec['rank']} (scale {meta.lora_scale(component):g})"
+                     for component, spec in meta.lora.items())
+    print(f"wrote {out}: {meta.method} bundle, {lora}; modules {', '.join(meta.modules)}; defaults {meta.defaults}")
+    if "time_vae" in meta.extra:
+        print(meta.extra["time_vae"])
     return 0
 
 
@@ -249,9 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--comfyui", help="ComfyUI folder to run in (default: $COMFYUI_DIR, the ComfyUI the pack is "
                                       "installed in, or the vendored one)")
     up.set_defaults(func=upscale)
-    imp = sub.add_parser("import", help="convert an official OSEDiff/TADSR/CODSR .pkl into an adapter bundle")
+    imp = sub.add_parser("import", help="convert an official OSEDiff/TADSR/CODSR/PiSA-SR .pkl into an adapter bundle")
     imp.add_argument("file", help="the released .pkl file")
-    imp.add_argument("--method", choices=["osediff", "tadsr", "codsr"], help="expected layout (checked)")
+    imp.add_argument("--method", choices=["osediff", "tadsr", "codsr", "pisa-sr"],
+                     help="expected layout (checked; detected from the file when left out)")
+    imp.add_argument("--time-vae", help="TADSR only: its released time_vae/ folder (config.json + "
+                                        "diffusion_pytorch_model.safetensors/.bin); the encoder weights that differ "
+                                        "from --base are stored in the bundle")
+    imp.add_argument("--base", help="with --time-vae: the base model (SD 2.1-base file or diffusers folder) to "
+                                    "compare with; without it every time_vae encoder weight is stored")
     imp.add_argument("--out", required=True, help="bundle to write, e.g. ComfyUI/models/onestep_sr/osediff.safetensors")
     imp.set_defaults(func=import_weights)
     demo = sub.add_parser("make-demo-models", help="write tiny random-weight demo models")

@@ -1,15 +1,25 @@
 """The adapter bundle: one .safetensors file per trained model (DESIGN.md "Adapter bundle format").
 
-Tensors live under component prefixes (``unet_lora.``, ``vae_encoder_lora.``, ``unet_conv_in.``, ``tae.``, ``mine.``,
-``lqfm.``, ``vpim.``, ``mem.``); LoRA tensors keep the official peft key grammar after the prefix
-(``unet_lora.<module>.lora_A.<adapter>.weight``). The string metadata holds everything needed to rebuild the modules
-without any other file, one entry per ``BundleMeta`` field, nested values JSON-encoded:
+Tensors live under component prefixes (``unet_lora.``, ``vae_encoder_lora.``, ``unet_sem_lora.``, ``unet_conv_in.``,
+``vae_encoder_base.``, ``tae.``, ``mine.``, ``lqfm.``, ``vpim.``, ``mem.``); LoRA tensors keep the official peft key
+grammar after the prefix (``unet_lora.<module>.lora_A.<adapter>.weight``).
+
+* ``unet_lora`` / ``vae_encoder_lora``: merged into the base weights when the bundle is applied.
+* ``unet_sem_lora``: PiSA-SR's semantic U-Net LoRA (adapters ``default_{encoder,decoder,others}_sem``), applied on
+  top of the merged pixel LoRA and kept as live peft adapters, so the λ_sem control can switch it off for a pass.
+* ``unet_conv_in``: a fully trained U-Net ``conv_in`` (weight, bias) that replaces the base one before its LoRA.
+* ``vae_encoder_base``: VAE encoder (and ``quant_conv``) weights, keyed as in the VAE's state dict, that replace the
+  base model's before the VAE-encoder LoRA (TADSR's ``time_vae/`` encoder where it differs from the base).
+
+The string metadata holds everything needed to rebuild the modules without any other file, one entry per
+``BundleMeta`` field, nested values JSON-encoded:
 
 * ``format_version`` (``BUNDLE_FORMAT_VERSION``), ``method``, ``base_family`` (``models.base_family``),
   ``parameterisation`` (x̂₀ formula letter S/R/P/N, SPEC.md §0.6);
-* ``lora``: per LoRA component ("unet", "vae_encoder") ``{"rank", "alpha", "adapters": {name: [module names]}}``;
-  the scale is alpha / rank (official releases: peft's default alpha 8);
-* ``modules``: the component prefixes present; ``hyperparameters``: each method module's config;
+* ``lora``: per LoRA component ("unet", "vae_encoder", "unet_sem") ``{"rank", "alpha", "adapters": {name:
+  [module names]}}``; the scale is alpha / rank (official releases: peft's default alpha 8);
+* ``modules``: the component prefixes present; ``hyperparameters``: each method module's config (and the method
+  settings of ``METHOD_SETTINGS``, e.g. RCOD's ``ldg``);
   ``defaults``: the method's inference defaults (timestep, tile_size, tile_overlap, color_fix, ...);
   ``extra``: free-form provenance (source file, its sha256, ...).
 """
@@ -30,9 +40,15 @@ from safetensors.torch import save_file
 from .parameterisation import Parameterisation
 
 BUNDLE_FORMAT_VERSION = 1
-KNOWN_MODULES = ("unet_lora", "vae_encoder_lora", "unet_conv_in", "tae", "mine", "lqfm", "vpim", "mem")
+KNOWN_MODULES = ("unet_lora", "vae_encoder_lora", "unet_sem_lora", "unet_conv_in", "vae_encoder_base", "tae", "mine",
+                 "lqfm", "vpim", "mem")
 # LoRA component in ``BundleMeta.lora`` -> the prefix its tensors live under.
-LORA_PREFIXES = {"unet": "unet_lora", "vae_encoder": "vae_encoder_lora"}
+LORA_PREFIXES = {"unet": "unet_lora", "vae_encoder": "vae_encoder_lora", "unet_sem": "unet_sem_lora"}
+# LoRA components kept as live (unmerged) adapters when applied: PiSA-SR's λ_sem switches them per pass.
+LIVE_LORA = ("unet_sem",)
+# ``hyperparameters`` entries that configure the method rather than a module: RCOD's LDG grouping (k, n, M_min, M_max),
+# which the Realism level node and MEM's adaptive level read.
+METHOD_SETTINGS = ("ldg",)
 METHODS = ("osediff", "tadsr", "codsr", "idas", "rcod", "pisa-sr", "custom", "none")
 _JSON_FIELDS = ("lora", "modules", "hyperparameters", "defaults", "extra")
 _REQUIRED = ("format_version", "method", "base_family")
@@ -96,12 +112,12 @@ class BundleMeta:
         if undeclared:
             raise ValueError(f"bundle lists {undeclared} in its modules but has no `lora` entry (rank, alpha, "
                              "adapters) for them.")
-        stray = sorted(set(self.hyperparameters) - set(self.modules))
+        stray = sorted(set(self.hyperparameters) - set(self.modules) - set(METHOD_SETTINGS))
         if stray:
             raise ValueError(f"bundle has hyperparameters for {stray}, which its modules {list(self.modules)} lack.")
 
     def lora_scale(self, component: str) -> float:
-        """alpha / rank of a LoRA component ("unet" or "vae_encoder")."""
+        """alpha / rank of a LoRA component ("unet", "vae_encoder" or "unet_sem")."""
         spec = self.lora[component]
         return spec["alpha"] / spec["rank"]
 
@@ -182,8 +198,9 @@ class Bundle:
                 count = sum(v.numel() for k, v in tensors.items()
                             if f".lora_A.{name}." in k or f".lora_B.{name}." in k)
                 sizes.append(f"{name} ({len(set(targets))} modules, {count:,} parameters)")
+            live = ", kept live for lambda_sem" if component in LIVE_LORA else ""
             lines.append(f"  LoRA {component}: rank {spec['rank']}, alpha {spec['alpha']} "
-                         f"(scale {m.lora_scale(component):g}); " + ", ".join(sizes))
+                         f"(scale {m.lora_scale(component):g}{live}); " + ", ".join(sizes))
         for module in m.modules:
             count = sum(v.numel() for v in self.component(module).values())
             lines.append(f"  module {module}: {count:,} parameters")

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 # Which method's bundle provides each optional module (for "missing module" messages).
 MODULE_PROVIDERS = {
-    "unet_lora": "any trained bundle (OSEDiff, TADSR, CODSR, IDaS-SR, RCOD)",
+    "unet_lora": "any trained bundle (OSEDiff, TADSR, CODSR, IDaS-SR, RCOD, PiSA-SR)",
+    "unet_sem_lora": "a PiSA-SR bundle",
     "vae_encoder_lora": "any trained bundle (OSEDiff, TADSR, CODSR, IDaS-SR, RCOD)",
     "tae": "a TADSR bundle",
     "mine": "an IDaS-SR bundle",

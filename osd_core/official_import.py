@@ -1,16 +1,21 @@
-"""Import the officially released .pkl checkpoints into adapter bundles (CHECKPOINTS.md §1–4).
+"""Import the officially released .pkl checkpoints into adapter bundles (CHECKPOINTS.md §1–5).
 
-Supported layouts: OSEDiff (``osediff.pkl``), TADSR (``tadsr.pkl``, time layers in ``state_dict_vae_time``) and
-CODSR (``codsr.pkl``, two LoRA families + the 8-key SFT module). What the official loaders do, and what the bundle
-therefore records:
+Supported layouts: OSEDiff (``osediff.pkl``, ``osediff_face.pkl``), TADSR (``tadsr.pkl``, time layers in
+``state_dict_vae_time``; optionally its ``time_vae/`` folder, see ``osd_core.official_time_vae``), CODSR
+(``codsr.pkl``, two LoRA families + the 8-key SFT module) and PiSA-SR (``pisa_sr.pkl``, pixel + semantic U-Net LoRA).
+What the official loaders do, and what the bundle therefore records:
 
 * LoRA injected with peft's default ``lora_alpha = 8`` (the files never set it), so the effective scale is 8/r;
   adapter names and target lists as saved (the VAE list de-duplicated: the official selection appends a module once
   per matching pattern).
 * OSEDiff/TADSR replace the U-Net's ``conv_in`` by the trained one (``conv_in.base_layer.*``, or ``conv_in.*`` from
-  peft < 0.7) and LoRA-adapt it too. CODSR's loader copies LoRA tensors only, so its ``conv_in`` stays SD's.
+  peft < 0.7) and LoRA-adapt it too. CODSR's and PiSA-SR's loaders copy LoRA tensors only, so ``conv_in`` stays SD's.
 * CODSR merges the ``default_*`` adapters, then adds and merges ``default_*_alignment`` on top: the same as merging
   both families at once (the deltas add), which is what applying the bundle does.
+* PiSA-SR merges the ``*_pix`` adapters (rank ``lora_rank_unet_pix``), then adds the ``*_sem`` adapters (rank
+  ``lora_rank_unet_sem``, may differ) on top. The bundle keeps the pixel LoRA as ``unet_lora`` (merged when applied)
+  and the semantic LoRA as ``unet_sem_lora`` (kept live, for the λ_pix/λ_sem control of ``osd_core.pisa``); with both
+  λ at 1 the U-Net is the official fully merged "--default" one. No VAE LoRA, no conv_in.
 
 Files are read with ``torch.load(weights_only=True, map_location="cpu")`` only: a pickle that needs anything more is
 refused. CUDA-saved and fp16 tensors load on the CPU and are stored as float32.
@@ -24,24 +29,35 @@ from pathlib import Path
 
 import torch
 
+from .adapters import ENCODER_BASE_PREFIX
 from .bundle import BundleMeta
 from .lora import PEFT_DEFAULT_ALPHA
+from .official_time_vae import encoder_base_tensors, read_time_vae
 from .sft import LQFMConfig
 from .tae import TAEConfig
 
 logger = logging.getLogger(__name__)
 
 UNET_GROUPS = ("encoder", "decoder", "others")
+PISA_FAMILIES = {"pix": "unet", "sem": "unet_sem"}  # adapter-name suffix -> bundle LoRA component
 OSEDIFF_KEYS = {"vae_lora_encoder_modules", "unet_lora_encoder_modules", "unet_lora_decoder_modules",
                 "unet_lora_others_modules", "rank_unet", "rank_vae", "state_dict_unet", "state_dict_vae"}
 CODSR_KEYS = {"state_dict_sft", "rank_vae", "vae_lora_encoder_modules", "state_dict_vae", "rank_unet",
               "state_dict_unet"} | {f"unet_lora_{g}_modules_{f}" for g in UNET_GROUPS for f in ("default", "sam")}
+PISA_KEYS = {"lora_rank_unet_pix", "lora_rank_unet_sem", "state_dict_unet"} | {
+    f"unet_lora_{g}_modules_{f}" for g in UNET_GROUPS for f in PISA_FAMILIES}
+# Top-level keys each layout's loader reads, most specific first (a TADSR file is an OSEDiff file plus time layers).
+LAYOUT_KEYS = {"codsr": CODSR_KEYS, "pisa-sr": PISA_KEYS, "tadsr": OSEDIFF_KEYS | {"state_dict_vae_time"},
+               "osediff": OSEDIFF_KEYS}
 SFT_KEYS = {f"SFT_{branch}_conv{i}.{p}" for branch in ("scale", "shift") for i in (0, 1) for p in ("weight", "bias")}
 DEFAULTS = {
     "osediff": ("S", {"timestep": 999, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"}),
     "tadsr": ("R", {"timestep": 500, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"}),
     # CODSR's released tiles are 150/50 latent px; ours must be multiples of 8, so the nearest are used.
     "codsr": ("N", {"timestep": 100, "tile_size": 152, "tile_overlap": 48, "color_fix": "adain"}),
+    # PiSA-SR's test script: t = 1, empty prompt (no RAM at test time), λ_pix = λ_sem = 1.
+    "pisa-sr": ("P", {"timestep": 1, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain", "prompt": "",
+                      "lambda_pix": 1.0, "lambda_sem": 1.0}),
 }
 
 
@@ -63,23 +79,54 @@ def read_official(path: str | Path) -> dict:
 
 
 def detect_layout(checkpoint: dict) -> str:
+    """The layout whose top-level keys the file holds all of; otherwise an error naming the closest layout and the
+    keys it lacks."""
     keys = set(checkpoint)
-    if CODSR_KEYS <= keys:
-        return "codsr"
-    if OSEDIFF_KEYS <= keys:
-        return "tadsr" if "state_dict_vae_time" in keys else "osediff"
+    for layout, required in LAYOUT_KEYS.items():
+        if required <= keys:
+            return layout
+    closest = max(LAYOUT_KEYS, key=lambda name: len(LAYOUT_KEYS[name] & keys) / len(LAYOUT_KEYS[name]))
+    hint = ""
+    if LAYOUT_KEYS[closest] & keys - {"state_dict_unet"}:
+        hint = f" It looks like {closest} but lacks {sorted(LAYOUT_KEYS[closest] - keys)}."
     raise ValueError(
-        f"unknown checkpoint layout; top-level keys found: {sorted(keys)[:12]}. Known: OSEDiff {sorted(OSEDIFF_KEYS)}, "
-        f"TADSR (OSEDiff + state_dict_vae_time), CODSR (with state_dict_sft and *_default/*_sam module lists)."
+        f"unknown checkpoint layout; top-level keys found: {sorted(keys)[:12]}.{hint} Known: OSEDiff "
+        f"{sorted(OSEDIFF_KEYS)}, TADSR (OSEDiff + state_dict_vae_time), CODSR (with state_dict_sft and "
+        "*_default/*_sam module lists), PiSA-SR (*_pix/*_sem module lists and lora_rank_unet_pix/_sem)."
     )
+
+
+def _layout(checkpoint: dict, method: str | None) -> str:
+    """The file's layout, checked against ``method``; top-level keys its loader would not read are reported."""
+    keys = set(checkpoint)
+    if method is not None and method not in LAYOUT_KEYS:
+        raise ValueError(f"--method {method!r} is not an official layout; expected one of {sorted(LAYOUT_KEYS)}.")
+    if method is not None and not LAYOUT_KEYS[method] <= keys and not any(r <= keys for r in LAYOUT_KEYS.values()):
+        raise ValueError(f"--method {method} was given, but the file lacks the top-level keys that layout needs: "
+                         f"{sorted(LAYOUT_KEYS[method] - keys)}.")
+    layout = detect_layout(checkpoint)
+    if method is not None and method != layout:
+        raise ValueError(f"--method {method} was given, but the file has the {layout} layout.")
+    unexpected = sorted(keys - LAYOUT_KEYS[layout])
+    if unexpected:
+        logger.warning("ignoring top-level keys the official %s loader does not read: %s", layout, unexpected)
+    return layout
 
 
 def _unique(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _lora_tensors(state: dict, prefix: str) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().float().contiguous() for k, v in state.items() if "lora" in k}
+def _adapter(key: str) -> str:
+    """``<module>.lora_{A,B}.<adapter>.weight`` -> ``<adapter>`` ("" for a key without that grammar)."""
+    parts = key.split(".")
+    return parts[-2] if len(parts) > 1 else ""
+
+
+def _lora_tensors(state: dict, prefix: str, adapter_suffix: str = "") -> dict[str, torch.Tensor]:
+    """The LoRA tensors (of the adapters whose name ends with ``adapter_suffix``) under ``prefix.``, as float32."""
+    return {f"{prefix}.{k}": v.detach().float().contiguous() for k, v in state.items()
+            if "lora" in k and _adapter(k).endswith(adapter_suffix)}
 
 
 def _check_lora(tensors: dict[str, torch.Tensor], adapters: dict[str, list[str]], rank: int, where: str) -> None:
@@ -141,15 +188,9 @@ def _lqfm(checkpoint: dict) -> tuple[LQFMConfig, dict[str, torch.Tensor]]:
     return config, {f"lqfm.{k}": v.detach().float().contiguous() for k, v in state.items()}
 
 
-def convert_official(
-    checkpoint: dict, *, method: str | None = None, source: str = "", sha256: str = "", base_family: str = "sd2"
-) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
-    """An adapter bundle (meta, tensors) from an official checkpoint dict; ``method`` must match the layout.
-
-    The released weights are for SD 2.1-base (family "sd2"); ``base_family`` exists for tests on tiny models."""
-    layout = detect_layout(checkpoint)
-    if method is not None and method != layout:
-        raise ValueError(f"--method {method} was given, but the file has the {layout} layout.")
+def _osediff_family(checkpoint: dict, layout: str) -> tuple[dict, list[str], dict, dict]:
+    """OSEDiff, TADSR and CODSR: one U-Net LoRA family (two for CODSR, one rank), the VAE-encoder LoRA, conv_in
+    (OSEDiff/TADSR) and the method module (TADSR's TAE time layers, CODSR's LQFM)."""
     rank_unet, rank_vae = int(checkpoint["rank_unet"]), int(checkpoint["rank_vae"])
     unet_adapters = _unet_adapters(checkpoint, layout)
     vae_adapters = {"default_encoder": _unique(checkpoint["vae_lora_encoder_modules"])}
@@ -168,23 +209,80 @@ def convert_official(
         tensors.update(module_tensors)
         modules.append(name)
         hyper[name] = config.to_dict()
+    lora = {"unet": {"rank": rank_unet, "alpha": PEFT_DEFAULT_ALPHA, "adapters": unet_adapters},
+            "vae_encoder": {"rank": rank_vae, "alpha": PEFT_DEFAULT_ALPHA, "adapters": vae_adapters}}
+    return lora, modules, tensors, hyper
+
+
+def _pisa(checkpoint: dict) -> tuple[dict, list[str], dict, dict]:
+    """PiSA-SR: the ``*_pix`` adapters as ``unet_lora``, the ``*_sem`` adapters as ``unet_sem_lora``, each at its own
+    rank with scale 8/r; U-Net entries that are neither are reported and left out (the official loader ignores
+    them too)."""
+    state = checkpoint["state_dict_unet"]
+    lora, tensors = {}, {}
+    for family, component in PISA_FAMILIES.items():
+        prefix = "unet_lora" if component == "unet" else "unet_sem_lora"
+        rank = int(checkpoint[f"lora_rank_unet_{family}"])
+        adapters = {f"default_{g}_{family}": _unique(checkpoint[f"unet_lora_{g}_modules_{family}"])
+                    for g in UNET_GROUPS}
+        adapters = {name: targets for name, targets in adapters.items() if targets}
+        family_tensors = _lora_tensors(state, prefix, f"_{family}")
+        _check_lora(family_tensors, adapters, rank, prefix)
+        tensors.update(family_tensors)
+        lora[component] = {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA, "adapters": adapters}
+    stray = sorted(k for k in state if not ("lora" in k and _adapter(k).endswith(("_pix", "_sem"))))
+    if stray:
+        logger.warning("ignoring %d state_dict_unet entries of neither the pixel nor the semantic LoRA: %s",
+                       len(stray), stray[:5])
+    return lora, ["unet_lora", "unet_sem_lora"], tensors, {}
+
+
+def convert_official(
+    checkpoint: dict, *, method: str | None = None, source: str = "", sha256: str = "", base_family: str = "sd2",
+    encoder_base: dict[str, torch.Tensor] | None = None, encoder_note: str = "",
+) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
+    """An adapter bundle (meta, tensors) from an official checkpoint dict; ``method`` must match the layout.
+
+    ``encoder_base`` (TADSR only): VAE-encoder weights from its ``time_vae/`` folder that replace the base's
+    (``official_time_vae.encoder_base_tensors``), stored as the ``vae_encoder_base`` component; ``encoder_note`` says
+    how they were chosen. The released weights are for SD 2.1-base (family "sd2"); ``base_family`` exists for tests
+    on tiny models."""
+    layout = _layout(checkpoint, method)
+    if layout == "pisa-sr":
+        lora, modules, tensors, hyper = _pisa(checkpoint)
+    else:
+        lora, modules, tensors, hyper = _osediff_family(checkpoint, layout)
+    extra = {"source": source, "source_sha256": sha256,
+             "conversion": f"official {layout} layout; LoRA scale 8/r (peft default alpha)"}
+    if encoder_base is not None:
+        if layout != "tadsr":
+            raise ValueError(f"--time-vae is TADSR's time_vae/ folder, but the file has the {layout} layout.")
+        if encoder_base:
+            tensors.update({f"{ENCODER_BASE_PREFIX}.{k}": v for k, v in encoder_base.items()})
+            modules.insert(0, ENCODER_BASE_PREFIX)
+        extra["time_vae"] = encoder_note
     parameterisation, defaults = DEFAULTS[layout]
     meta = BundleMeta(
-        method=layout, base_family=base_family, parameterisation=parameterisation,
-        lora={"unet": {"rank": rank_unet, "alpha": PEFT_DEFAULT_ALPHA, "adapters": unet_adapters},
-              "vae_encoder": {"rank": rank_vae, "alpha": PEFT_DEFAULT_ALPHA, "adapters": vae_adapters}},
-        modules=tuple(modules), hyperparameters=hyper, defaults=defaults,
-        extra={"source": source, "source_sha256": sha256,
-               "conversion": f"official {layout} layout; LoRA scale 8/r (peft default alpha)"},
+        method=layout, base_family=base_family, parameterisation=parameterisation, lora=lora,
+        modules=tuple(modules), hyperparameters=hyper, defaults=dict(defaults), extra=extra,
     )
     return meta, tensors
 
 
-def import_official(path: str | Path, *, method: str | None = None) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
-    """Read, check and convert an official .pkl file."""
+def import_official(
+    path: str | Path, *, method: str | None = None, time_vae: str | Path | None = None,
+    base_vae: torch.nn.Module | None = None,
+) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
+    """Read, check and convert an official .pkl file; for TADSR optionally with its ``time_vae/`` folder, whose
+    non-time encoder weights are kept where they differ from ``base_vae`` (all of them without one)."""
     path = Path(path)
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    return convert_official(read_official(path), method=method, source=path.name, sha256=sha256)
+    encoder_base, note = None, ""
+    if time_vae is not None:
+        encoder_base, note = encoder_base_tensors(read_time_vae(time_vae), base_vae)
+        logger.info("%s", note)
+    return convert_official(read_official(path), method=method, source=path.name, sha256=sha256,
+                            encoder_base=encoder_base, encoder_note=note)
 
 
 def cached_bundle(path: str | Path) -> tuple[Path, str]:

@@ -91,7 +91,12 @@ TINY_METHODS = {
              {"vpim": dict(vision_dim=1024, cond_dim=32), "mem": dict(token_dim=1024, hidden=(32, 16))}),
     "tadsr": ("R", {"timestep": 500, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"},
               {"tae": dict(time_proj_channels=32, temb_channels=64)}),
+    # PiSA-SR's two U-Net LoRA sets (pixel merged, semantic live) are LoRA components, not modules: see tiny_bundle.
+    "pisa-sr": ("P", {"timestep": 1, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain", "prompt": "",
+                      "lambda_pix": 1.0, "lambda_sem": 1.0}, {}),
 }
+# Methods whose U-Net carries a second, live LoRA set (bundle component "unet_sem"), and its adapter-name suffixes.
+DUAL_LORA = {"pisa-sr": ("_pix", "_sem")}
 
 
 def _perturb_zeros(module: torch.nn.Module, generator: torch.Generator, std: float) -> None:
@@ -110,7 +115,8 @@ def tiny_bundle(
     """A bundle (meta, tensors) for tiny components (``tiny_components(seed)`` when none are given; those given are
     not modified): OSEDiff-layout LoRA (U-Net in three adapters, VAE encoder), the full conv_in, and the method's
     modules, with random non-zero LoRA B matrices, conv_in offsets and heads (std ``lora_std``) so the bundle visibly
-    changes the output."""
+    changes the output. PiSA-SR's U-Net LoRA comes twice, as ``default_*_pix`` (``unet``) and ``default_*_sem``
+    (``unet_sem``, kept live for the λ control), both of rank ``rank``."""
     from .adapters import collect_bundle_tensors, inject_bundle_lora
     from .bundle import BundleMeta
     from .lora import PEFT_DEFAULT_ALPHA, unet_lora_targets, vae_encoder_lora_targets
@@ -120,15 +126,21 @@ def tiny_bundle(
         raise ValueError(f"`method` must be one of {sorted(TINY_METHODS)}; got {method!r}.")
     parameterisation, defaults, module_configs = TINY_METHODS[method]
     components = tiny_components(seed) if components is None else copy.deepcopy(components)
+    unet_targets = unet_lora_targets(components.unet)
+    pix, sem = DUAL_LORA.get(method, ("", None))
     lora = {
-        "unet": {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA, "adapters": unet_lora_targets(components.unet)},
+        "unet": {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA,
+                 "adapters": {name + pix: targets for name, targets in unet_targets.items()}},
         "vae_encoder": {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA,
                         "adapters": {"default_encoder": vae_encoder_lora_targets(components.vae)}},
     }
+    if sem is not None:
+        lora["unet_sem"] = {"rank": rank, "alpha": PEFT_DEFAULT_ALPHA,
+                            "adapters": {name + sem: targets for name, targets in unet_targets.items()}}
     configs = {name: REGISTRY[name].config_class(**values) for name, values in module_configs.items()}
     meta = BundleMeta(
         method=method, base_family=components.family, parameterisation=parameterisation, lora=lora,
-        modules=("unet_lora", "vae_encoder_lora", "unet_conv_in", *configs),
+        modules=("unet_lora", "vae_encoder_lora", "unet_conv_in", *(["unet_sem_lora"] if sem else []), *configs),
         hyperparameters={name: config.to_dict() for name, config in configs.items()}, defaults=defaults,
         extra={"demo": "random weights: this bundle does not upscale anything"},
     )

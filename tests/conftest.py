@@ -71,7 +71,7 @@ def demo_workflow(name: str, image: str, **overrides) -> dict:
         if node["class_type"] == "CLIPVisionLoader":
             inputs["clip_name"] = DEMO_CLIP_VISION
         if node["class_type"] == "OneStepSRLoadModel":
-            method = Path(inputs["bundle"]).stem  # the shipped workflows name bundles <method>.safetensors
+            method = Path(inputs["bundle"]).stem.replace("_", "-")  # <method>.safetensors, or pisa_sr.pkl
             inputs["base_model"], inputs["bundle"] = DEMO_BASE, DEMO_BUNDLES[method]
         for key, value in overrides.items():
             if key in inputs and not isinstance(inputs[key], list):

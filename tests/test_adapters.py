@@ -160,7 +160,8 @@ def test_tiny_bundles_declare_their_method_modules(method):
     meta, tensors = tiny_bundle(method=method, rank=2, seed=0)
     parameterisation, defaults, module_configs = TINY_METHODS[method]
     assert meta.method == method and meta.parameterisation == parameterisation and meta.defaults == defaults
-    assert set(meta.modules) == {"unet_lora", "vae_encoder_lora", "unet_conv_in", *module_configs}
+    dual = {"unet_sem_lora"} if method == "pisa-sr" else set()  # PiSA-SR's live semantic LoRA
+    assert set(meta.modules) == {"unet_lora", "vae_encoder_lora", "unet_conv_in", *module_configs} | dual
     assert set(meta.hyperparameters) == set(module_configs)
     assert meta.lora["unet"]["rank"] == meta.lora["vae_encoder"]["rank"] == 2
     assert {k.split(".", 1)[0] for k in tensors} == set(meta.modules)

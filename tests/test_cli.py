@@ -77,6 +77,15 @@ def test_upscale_gives_exactly_input_times_factor(demo_dir, tmp_path, capsys, ca
     assert "using 'onestep-demo-osediff.safetensors'" in caplog.text  # the workflow's bundle name was substituted
 
 
+def test_pisa_sr_workflow_finds_its_demo_bundle(demo_dir, tmp_path, caplog):
+    """The workflow names the official ``pisa_sr.pkl``; the demo bundle is ``onestep-demo-pisa-sr.safetensors``."""
+    out = tmp_path / "pisa.png"
+    code = main(["upscale", str(demo_dir / "demo_input.png"), "--out", str(out), "--models-dir", str(demo_dir),
+                 "--scale", "2", "--workflow", str(WORKFLOWS / "pisa_sr_api.json")])
+    assert code == 0 and Image.open(out).size == (96, 80)
+    assert "using 'onestep-demo-pisa-sr.safetensors'" in caplog.text
+
+
 @needs_workflow
 def test_upscale_keeps_alpha(demo_dir, tmp_path):
     source = tmp_path / "in.png"

@@ -1,25 +1,34 @@
-"""Importing the official OSEDiff / TADSR / CODSR .pkl layouts (CHECKPOINTS.md §1–4, recipes of §8).
+"""Importing the official OSEDiff / TADSR / CODSR / PiSA-SR .pkl layouts (CHECKPOINTS.md §1–5, recipes of §8).
 
 Synthetic checkpoints are built from the tiny models exactly as the official savers lay them out, with random
 non-zero LoRA B matrices; the reference is the official loading rule replayed here (peft injection from the saved
-lists with peft's default alpha, tensor copy, every adapter active, conv_in replaced for OSEDiff/TADSR only).
+lists with peft's default alpha, tensor copy, every adapter active, conv_in replaced for OSEDiff/TADSR only; for
+PiSA-SR the pixel merge, then the semantic adapters on top, and the λ blend of the two merged U-Nets; for TADSR's
+time_vae/ folder the VAE built from the folder's weights).
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
+
 import pytest
 import torch
 from diffusers.models.resnet import ResnetBlock2D
+from safetensors.torch import save_file
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from osd_core.adapters import apply_bundle
-from osd_core.bundle import Bundle
+from osd_core.bundle import Bundle, load_bundle, save_bundle
 from osd_core.lora import unet_lora_targets, vae_encoder_lora_targets
 from osd_core.method_modules import load_method_modules
 from osd_core.official_import import convert_official, detect_layout, import_official, read_official
+from osd_core.official_time_vae import encoder_base_tensors, read_time_vae
+from osd_core.pisa import semantic_guidance, semantic_layers
 from osd_core.tae import TAEConfig, TimeAwareEncoder
-from osd_core.tiny import tiny_components
+from osd_core.tiny import save_tiny_diffusers, tiny_components
 
 RANK = 4
 G = torch.Generator().manual_seed(0)
@@ -112,9 +121,13 @@ def _unet(comps):
 
 
 def _vae(comps):
+    return _encode_mean(comps.vae)
+
+
+def _encode_mean(vae):
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
-        return comps.vae.encode(x).latent_dist.mean
+        return vae.encode(x).latent_dist.mean
 
 
 @pytest.mark.parametrize("layout", ["osediff", "tadsr", "codsr"])
@@ -245,3 +258,269 @@ def test_cuda_saved_file_loads_on_a_cpu_only_machine(tmp_path):
         torch.load(str(path), weights_only=True)  # what the official loader (no map_location) would do here
     meta, tensors = import_official(path)
     assert meta.method == "osediff" and all(t.device.type == "cpu" for t in tensors.values())
+
+
+# ---- PiSA-SR (CHECKPOINTS.md §5): pixel LoRA merged, semantic LoRA live ------------------------------------------
+
+PISA_GROUPS = ("encoder", "decoder", "others")
+
+
+def make_official_pisa(rank_pix: int = 4, rank_sem: int = 2, seed: int = 0) -> dict:
+    """A pisa_sr.pkl dict in the official layout: six adapters default_{group}_{pix,sem} on one tiny U-Net over the
+    same lists, random non-zero A and B, every U-Net entry containing "lora" (CHECKPOINTS.md §8)."""
+    g = torch.Generator().manual_seed(seed)
+    unet = tiny_components(seed=0).unet
+    lists = unet_lora_targets(unet)
+    for family, rank in (("pix", rank_pix), ("sem", rank_sem)):
+        for group in PISA_GROUPS:
+            inject_adapter_in_model(LoraConfig(r=rank, init_lora_weights="gaussian",
+                                               target_modules=lists[f"default_{group}"]),
+                                    unet, adapter_name=f"default_{group}_{family}")
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+    ckpt = {f"unet_lora_{group}_modules_{family}": list(lists[f"default_{group}"])
+            for family in ("pix", "sem") for group in PISA_GROUPS}
+    ckpt.update(lora_rank_unet_pix=rank_pix, lora_rank_unet_sem=rank_sem,
+                state_dict_unet={k: v.clone() for k, v in unet.state_dict().items() if "lora" in k})
+    return ckpt
+
+
+def _merge_by_hand(unet, ckpt: dict, family: str) -> None:
+    """W += (8/r)·reshape(B_flat @ A_flat) for every module of the family's three adapters (CHECKPOINTS.md §1)."""
+    rank = ckpt[f"lora_rank_unet_{family}"]
+    state = ckpt["state_dict_unet"]
+    with torch.no_grad():
+        for group in PISA_GROUPS:
+            adapter = f"default_{group}_{family}"
+            for module in ckpt[f"unet_lora_{group}_modules_{family}"]:
+                a, b = state[f"{module}.lora_A.{adapter}.weight"], state[f"{module}.lora_B.{adapter}.weight"]
+                weight = unet.get_submodule(module).weight
+                weight.add_((b.flatten(1) @ a.flatten(1)).reshape(weight.shape) * (8.0 / rank))
+
+
+def official_pisa_unets(ckpt: dict):
+    """PiSA-SR's loader replayed: (W0 + Δpix, W0 + Δpix + Δsem), both fully merged; the second is "--default"."""
+    pix = tiny_components(seed=0).unet
+    _merge_by_hand(pix, ckpt, "pix")
+    default = copy.deepcopy(pix)
+    _merge_by_hand(default, ckpt, "sem")
+    return pix, default
+
+
+def _pisa_inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, 4, 16, 16, generator=g), torch.tensor([1.0]), torch.randn(1, 77, 32, generator=g)
+
+
+def _imported_pisa(ckpt, dtype=torch.float32):
+    meta, tensors = convert_official(ckpt, method="pisa-sr", base_family=tiny_components().family)
+    comps = tiny_components(seed=0, dtype=dtype)
+    apply_bundle(comps, Bundle(meta=meta, tensors=tensors, path="pisa_sr.safetensors"))
+    return meta, comps
+
+
+@pytest.fixture(scope="module")
+def pisa():
+    ckpt = make_official_pisa(rank_pix=4, rank_sem=2)
+    return ckpt, official_pisa_unets(ckpt), _imported_pisa(ckpt)
+
+
+@pytest.mark.parametrize("lambda_pix,lambda_sem", [(1.0, 1.0), (1.0, 0.6), (0.8, 1.2)])
+def test_pisa_import_reproduces_the_official_lambda_blend(pisa, lambda_pix, lambda_sem):
+    _, (pix, default), (_, comps) = pisa
+    z, t, c = _pisa_inputs()
+    with torch.no_grad():
+        eps_pix = pix(z, t, encoder_hidden_states=c).sample
+        eps_ps = default(z, t, encoder_hidden_states=c).sample
+        got = semantic_guidance(comps.unet, lambda_pix, lambda_sem)(z, t, c)
+    assert not torch.allclose(eps_pix, eps_ps, atol=1e-3)  # the semantic LoRA does something
+    torch.testing.assert_close(got, lambda_pix * eps_pix + lambda_sem * (eps_ps - eps_pix), atol=1e-5, rtol=1e-5)
+
+
+def test_pisa_by_hand_merge_is_the_peft_forward():
+    """Guards the reference: the six live peft adapters compute W0 + Δpix + Δsem, the by-hand "--default" merge."""
+    ckpt = make_official_pisa(rank_pix=4, rank_sem=2)
+    unet = tiny_components(seed=0).unet
+    for family in ("pix", "sem"):
+        _inject(unet, {f"default_{g}_{family}": ckpt[f"unet_lora_{g}_modules_{family}"] for g in PISA_GROUPS},
+                ckpt[f"lora_rank_unet_{family}"])
+    unet.load_state_dict(ckpt["state_dict_unet"], strict=False)
+    z, t, c = _pisa_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(unet(z, t, encoder_hidden_states=c).sample,
+                                   official_pisa_unets(ckpt)[1](z, t, encoder_hidden_states=c).sample,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_pisa_bundle_layout_and_metadata(pisa):
+    ckpt, _, (meta, comps) = pisa
+    assert detect_layout(ckpt) == "pisa-sr"
+    assert meta.method == "pisa-sr" and meta.parameterisation == "P"
+    assert meta.modules == ("unet_lora", "unet_sem_lora")  # no VAE LoRA, no conv_in
+    assert (meta.lora_scale("unet"), meta.lora_scale("unet_sem")) == (2.0, 4.0)  # 8/4 and 8/2
+    assert set(meta.lora["unet_sem"]["adapters"]) == {f"default_{g}_sem" for g in PISA_GROUPS}
+    assert meta.defaults == {"timestep": 1, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain", "prompt": "",
+                             "lambda_pix": 1.0, "lambda_sem": 1.0}
+    live = {name for layer in semantic_layers(comps.unet) for name in layer.lora_A}
+    assert live == {f"default_{g}_sem" for g in PISA_GROUPS}  # only the semantic adapters stay peft layers
+    assert not any(p.requires_grad for p in comps.unet.parameters())
+    plain = tiny_components(seed=0)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(comps.vae.encode(x).latent_dist.mean, plain.vae.encode(x).latent_dist.mean)
+    assert torch.equal(comps.unet.conv_in.get_base_layer().bias, plain.unet.conv_in.bias)
+
+
+def test_pisa_bundle_file_round_trip_and_half_precision(tmp_path, pisa):
+    ckpt, (_, default), (meta, _) = pisa
+    torch.save(ckpt, tmp_path / "pisa_sr.pkl")
+    meta, tensors = import_official(tmp_path / "pisa_sr.pkl")  # layout detected from the keys
+    save_bundle(tmp_path / "p.safetensors", meta, tensors)
+    bundle = load_bundle(tmp_path / "p.safetensors")
+    assert "LoRA unet_sem: rank 2, alpha 8.0 (scale 4, kept live for lambda_sem)" in bundle.summary()
+    half = tiny_components(seed=0, dtype=torch.bfloat16)
+    apply_bundle(half, bundle)
+    assert {p.dtype for p in half.unet.parameters()} == {torch.bfloat16}
+    z, t, c = _pisa_inputs()
+    with torch.no_grad():
+        got = semantic_guidance(half.unet, 1.0, 0.6)(z.bfloat16(), t, c.bfloat16())
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    with torch.no_grad():
+        torch.testing.assert_close(half.unet(z.bfloat16(), t, encoder_hidden_states=c.bfloat16()).sample.float(),
+                                   default(z, t, encoder_hidden_states=c).sample, atol=0.05, rtol=0.05)
+
+
+def test_pisa_missing_keys_are_listed(caplog):
+    ckpt = make_official_pisa()
+    del ckpt["lora_rank_unet_sem"]
+    with pytest.raises(ValueError, match=r"looks like pisa-sr but lacks \['lora_rank_unet_sem'\]"):
+        convert_official(ckpt)
+    with pytest.raises(ValueError, match=r"--method pisa-sr was given, but the file lacks .*\['lora_rank_unet_sem'\]"):
+        convert_official(ckpt, method="pisa-sr")
+    ckpt = make_official_pisa()
+    key = next(k for k in ckpt["state_dict_unet"] if ".lora_B.default_decoder_sem." in k)
+    del ckpt["state_dict_unet"][key]
+    with pytest.raises(ValueError, match=r"lacks 1 LoRA tensors .*" + key.replace(".", r"\.")):
+        convert_official(ckpt)
+
+
+def test_pisa_unexpected_keys_are_reported_and_left_out(caplog):
+    ckpt = make_official_pisa()
+    ckpt["optimizer"] = {"step": 3}
+    ckpt["state_dict_unet"]["conv_in.base_layer.weight"] = torch.zeros(32, 4, 3, 3)
+    ckpt["state_dict_unet"]["mid_block.resnets.0.conv1.lora_A.default_others_extra.weight"] = torch.zeros(4, 64, 3, 3)
+    with caplog.at_level(logging.WARNING, logger="osd_core.official_import"):
+        meta, tensors = convert_official(ckpt)
+    assert "['optimizer']" in caplog.text and "conv_in.base_layer.weight" in caplog.text
+    assert "default_others_extra" in caplog.text
+    assert not any("extra" in k or "base_layer" in k for k in tensors) and "unet_conv_in" not in meta.modules
+
+
+def test_command_line_imports_pisa_sr(tmp_path, capsys):
+    from osd_comfy.cli import main
+
+    torch.save(make_official_pisa(rank_pix=4, rank_sem=2), tmp_path / "pisa_sr.pkl")
+    out = tmp_path / "pisa_sr.safetensors"
+    assert main(["import", str(tmp_path / "pisa_sr.pkl"), "--method", "pisa-sr", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "unet LoRA rank 4 (scale 2), unet_sem LoRA rank 2 (scale 4)" in printed and "'timestep': 1" in printed
+    assert load_bundle(out).meta.method == "pisa-sr"
+    assert main(["import", str(tmp_path / "pisa_sr.pkl"), "--method", "codsr", "--out", str(out)]) == 1
+    assert "the file has the pisa-sr layout" in capsys.readouterr().err
+
+
+# ---- TADSR's time_vae/ folder (CHECKPOINTS.md §3) ------------------------------------------------------------------
+
+def write_time_vae(folder, ckpt, *, changed=(), decoder_changed=False, suffix="safetensors"):
+    """A diffusers-format time_vae/ folder from the tiny VAE plus the .pkl's time layers; ``changed`` encoder
+    weights (and optionally a decoder weight) are moved away from the base VAE."""
+    state = {k: v.clone() for k, v in tiny_components(seed=0).vae.state_dict().items()}
+    for key in changed:
+        state[key] += 0.01
+    if decoder_changed:
+        state["decoder.conv_out.weight"] += 0.01
+    state.update({k: v.clone() for k, v in ckpt["state_dict_vae_time"].items()})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "TimeAwareAutoencoderKL", "latent_channels": 4}))
+    if suffix == "safetensors":
+        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    else:
+        torch.save(state, folder / "diffusion_pytorch_model.bin")
+    return state
+
+
+CHANGED = ("encoder.conv_in.weight", "encoder.down_blocks.1.resnets.0.conv1.weight", "quant_conv.bias")
+
+
+def _official_tadsr_vae(ckpt, folder_state):
+    """TADSR's loader replayed for the VAE: built from the folder's weights, then its LoRA injected and copied."""
+    vae = tiny_components(seed=0).vae
+    vae.load_state_dict({k: v for k, v in folder_state.items() if "time" not in k}, strict=True)
+    _inject(vae, {"default_encoder": list(dict.fromkeys(ckpt["vae_lora_encoder_modules"]))}, RANK)
+    vae.load_state_dict(ckpt["state_dict_vae"], strict=False)
+    return vae
+
+
+def test_time_vae_encoder_weights_that_differ_are_imported(tmp_path, caplog):
+    ckpt, _ = make_official("tadsr")
+    torch.save(ckpt, tmp_path / "tadsr.pkl")
+    state = write_time_vae(tmp_path / "time_vae", ckpt, changed=CHANGED, decoder_changed=True)
+    with caplog.at_level(logging.WARNING, logger="osd_core.official_time_vae"):
+        meta, tensors = import_official(tmp_path / "tadsr.pkl", time_vae=tmp_path / "time_vae",
+                                        base_vae=tiny_components(seed=0).vae)
+    assert "decoder side differs from the base in 1 tensors" in caplog.text
+    assert {k for k in tensors if k.startswith("vae_encoder_base.")} == {f"vae_encoder_base.{k}" for k in CHANGED}
+    assert meta.extra["time_vae"].startswith("time_vae: 3 of ") and "vae_encoder_base" in meta.modules
+    meta = type(meta)(**{**vars(meta), "base_family": tiny_components().family})
+    comps = tiny_components(seed=0)
+    apply_bundle(comps, Bundle(meta=meta, tensors=tensors, path="tadsr.safetensors"))
+    official = _encode_mean(_official_tadsr_vae(ckpt, state))
+    torch.testing.assert_close(_vae(comps), official, atol=1e-5, rtol=1e-5)
+    stock = _encode_mean(_official_tadsr_vae(ckpt, write_time_vae(tmp_path / "stock", ckpt)))
+    assert not torch.allclose(official, stock, atol=1e-4)  # the changed encoder weights matter
+
+
+def test_time_vae_equal_to_the_base_is_a_verified_check(tmp_path):
+    ckpt, _ = make_official("tadsr")
+    state = write_time_vae(tmp_path / "time_vae", ckpt, suffix="bin")
+    assert read_time_vae(tmp_path / "time_vae").keys() == state.keys()
+    stored, note = encoder_base_tensors(state, tiny_components(seed=0).vae)
+    assert stored == {} and note.startswith("time_vae: verified")
+    everything, note = encoder_base_tensors(state)  # no base to compare with: the whole encoding path is kept
+    assert set(everything) == {k for k in state if k.startswith(("encoder.", "quant_conv.")) and "time" not in k}
+    meta, tensors = convert_official(ckpt, encoder_base=stored, encoder_note="verified")
+    assert "vae_encoder_base" not in meta.modules and meta.extra["time_vae"] == "verified"
+
+
+def test_time_vae_refusals(tmp_path):
+    ckpt, _ = make_official("tadsr")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        read_time_vae(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ValueError, match="describes a 'UNet2DConditionModel'"):
+        read_time_vae(tmp_path)
+    state = write_time_vae(tmp_path / "time_vae", ckpt)
+    other = tiny_components(seed=0).vae
+    other.encoder.conv_in = torch.nn.Conv2d(3, 16, 3, padding=1)
+    with pytest.raises(ValueError, match="made for another base model"):
+        encoder_base_tensors(state, other)
+    with pytest.raises(ValueError, match="--time-vae is TADSR's time_vae/ folder, but the file has the osediff"):
+        convert_official(make_official("osediff")[0], encoder_base={})
+
+
+def test_command_line_time_vae_with_base(tmp_path, capsys):
+    from osd_comfy.cli import main
+
+    ckpt, _ = make_official("tadsr")
+    torch.save(ckpt, tmp_path / "tadsr.pkl")
+    write_time_vae(tmp_path / "time_vae", ckpt, changed=CHANGED[:1])
+    save_tiny_diffusers(tmp_path / "base", seed=0)
+    out = tmp_path / "tadsr.safetensors"
+    argv = ["import", str(tmp_path / "tadsr.pkl"), "--time-vae", str(tmp_path / "time_vae"), "--out", str(out)]
+    assert main([*argv, "--base", str(tmp_path / "base")]) == 0
+    assert "time_vae: 1 of" in capsys.readouterr().out
+    assert set(load_bundle(out).component("vae_encoder_base")) == {CHANGED[0]}
+    assert main(["import", str(tmp_path / "tadsr.pkl"), "--base", str(tmp_path / "base"), "--out", str(out)]) == 1
+    assert "--base is only used with --time-vae" in capsys.readouterr().err

@@ -175,3 +175,40 @@ def test_tadsr_timestep_reaches_the_time_aware_encoder(comfy, input_dir):
     del prompt[node_of(prompt, "OneStepSREncode")]["inputs"]["timestep"]
     plain = comfy.run(prompt).outputs[node_of(prompt, "OneStepSREncode")][0].z
     assert not torch.allclose(latents[0], latents[1]) and not torch.allclose(latents[1], plain)
+
+
+def test_pisa_sr_lambdas_blend_the_pixel_and_semantic_passes(comfy, input_dir, models_dir):
+    """A synthetic official pisa_sr.pkl, converted for the tiny demo base (the real file is for SD 2.1), runs in the
+    shipped workflow; the denoise output is affine in (λ_pix, λ_sem) exactly as PiSA-SR's blend says."""
+    from osd_core.bundle import save_bundle
+    from osd_core.official_import import convert_official
+    from osd_core.tiny import tiny_components
+    from test_official_import import make_official_pisa
+
+    bundle = models_dir / "onestep_sr" / "pisa_sr-tiny-official.safetensors"
+    save_bundle(bundle, *convert_official(make_official_pisa(), base_family=tiny_components().family))
+    image = write_image(input_dir, "pisa.png", 16, 16)
+
+    def latents(lambda_pix: float, lambda_sem: float):
+        prompt = demo_workflow("pisa_sr", image, lambda_pix=lambda_pix, lambda_sem=lambda_sem)
+        prompt[node_of(prompt, "OneStepSRLoadModel")]["inputs"]["bundle"] = bundle.name
+        outputs = comfy.run(prompt).outputs
+        return outputs[node_of(prompt, "OneStepSREncode")][0].z, outputs[node_of(prompt, "OneStepSRDenoise")][0].z
+
+    try:
+        z_lq, both = latents(1.0, 1.0)
+        _, pixel = latents(1.0, 0.0)
+        _, mixed = latents(0.8, 1.2)
+        _, again = latents(1.0, 1.0)  # the cached model, offloaded in between, still has its live adapters
+    finally:
+        bundle.unlink()
+    eps_pix, eps_ps = z_lq - pixel, z_lq - both  # x0 = z_L - eps (parameterisation P)
+    assert not torch.allclose(both, pixel, atol=1e-4)
+    torch.testing.assert_close(mixed, z_lq - (0.8 * eps_pix + 1.2 * (eps_ps - eps_pix)), atol=1e-4, rtol=1e-4)
+    assert torch.equal(again, both)
+
+
+def test_lambdas_need_a_pisa_sr_bundle(comfy, input_dir):
+    image = write_image(input_dir, "nolambda.png", 16, 16)
+    with pytest.raises(WorkflowError, match=r"lambda_sem` = 0.6 need a PiSA-SR bundle.*onestep-demo-osediff"):
+        comfy.run(demo_workflow("osediff", image, lambda_sem=0.6))
