@@ -28,7 +28,7 @@ ENCODER_BASE_PREFIX = "vae_encoder_base"
 ENCODER_BASE_ROOTS = ("encoder.", "quant_conv.")
 
 
-def _lora_host(components: SDComponents, component: str) -> torch.nn.Module:
+def lora_host(components: SDComponents, component: str) -> torch.nn.Module:
     """The module a LoRA component lives in: the VAE (whose encoder side the targets name), else the U-Net."""
     return components.vae if component == "vae_encoder" else components.unet
 
@@ -38,7 +38,7 @@ def inject_bundle_lora(components: SDComponents, lora: dict) -> None:
     for component, spec in lora.items():
         if component not in LORA_PREFIXES:
             raise ValueError(f"bundle LoRA component {component!r} is unknown; expected {sorted(LORA_PREFIXES)}.")
-        host = _lora_host(components, component)
+        host = lora_host(components, component)
         for adapter, targets in spec["adapters"].items():
             inject_lora(host, targets, rank=int(spec["rank"]), alpha=float(spec["alpha"]), adapter_name=adapter)
 
@@ -49,7 +49,8 @@ def _conv_in_base(components: SDComponents) -> torch.nn.Conv2d:
     return conv_in.get_base_layer() if hasattr(conv_in, "get_base_layer") else conv_in
 
 
-def _load_conv_in(components: SDComponents, bundle: Bundle) -> None:
+def load_conv_in(components: SDComponents, bundle: Bundle) -> None:
+    """Replace the U-Net's own conv_in (under its LoRA wrapper, if any) with the bundle's ``unet_conv_in``."""
     base = _conv_in_base(components)
     state = bundle.component(CONV_IN_PREFIX)
     own = base.state_dict()
@@ -61,7 +62,7 @@ def _load_conv_in(components: SDComponents, bundle: Bundle) -> None:
     base.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
-def _load_encoder_base(components: SDComponents, bundle: Bundle) -> None:
+def load_encoder_base(components: SDComponents, bundle: Bundle) -> None:
     """Replace the VAE encoder weights the bundle holds (a subset: those that differ from the base); before any
     LoRA wraps the encoder, so the names are the plain diffusers ones."""
     state = bundle.component(ENCODER_BASE_PREFIX)
@@ -79,7 +80,7 @@ def _load_encoder_base(components: SDComponents, bundle: Bundle) -> None:
 def _load_lora(components: SDComponents, bundle: Bundle, component: str) -> None:
     prefix = LORA_PREFIXES[component]
     try:
-        load_lora_state_dict(_lora_host(components, component), bundle.component(prefix))
+        load_lora_state_dict(lora_host(components, component), bundle.component(prefix))
     except ValueError as err:
         raise ValueError(f"bundle {bundle.path!r}, `{prefix}`: {err}") from err
 
@@ -96,17 +97,17 @@ def apply_bundle(components: SDComponents, bundle: Bundle) -> None:
     merged = [c for c in LORA_PREFIXES if c in lora and c not in LIVE_LORA]
     live = [c for c in LORA_PREFIXES if c in lora and c in LIVE_LORA]
     if ENCODER_BASE_PREFIX in bundle.meta.modules:
-        _load_encoder_base(components, bundle)
+        load_encoder_base(components, bundle)
     inject_bundle_lora(components, {c: lora[c] for c in merged})
     if CONV_IN_PREFIX in bundle.meta.modules:
-        _load_conv_in(components, bundle)
+        load_conv_in(components, bundle)
     for component in merged:
         _load_lora(components, bundle, component)
-        merge_lora(_lora_host(components, component))
+        merge_lora(lora_host(components, component))
     inject_bundle_lora(components, {c: lora[c] for c in live})
     for component in live:
         _load_lora(components, bundle, component)
-        _lora_host(components, component).requires_grad_(False)  # peft's set_adapter made the adapters trainable
+        lora_host(components, component).requires_grad_(False)  # peft's set_adapter made the adapters trainable
     for module in components.modules():
         cast(module, components.dtype)
 
@@ -121,7 +122,7 @@ def collect_bundle_tensors(components: SDComponents, meta: BundleMeta) -> dict[s
         if component not in meta.lora:
             continue
         adapters = set(meta.lora[component]["adapters"])
-        state = lora_state_dict(_lora_host(components, component))
+        state = lora_state_dict(lora_host(components, component))
         # keys read <module>.lora_{A,B}.<adapter>.weight
         tensors.update({f"{prefix}.{k}": v.detach() for k, v in state.items() if k.split(".")[-2] in adapters})
     if CONV_IN_PREFIX in meta.modules:

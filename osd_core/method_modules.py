@@ -54,7 +54,9 @@ def bundle_tensors(name: str, module: torch.nn.Module) -> dict[str, torch.Tensor
     return REGISTRY[name].bundle_tensors(module)
 
 
-def _load(name: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def load_module_tensors(name: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load the tensors a bundle stores under ``<name>.`` (prefix removed) into ``module``, strictly; RuntimeError
+    listing the first missing/unexpected keys (shape errors come from ``load_state_dict``)."""
     expected = set(bundle_tensors(name, module))
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
@@ -75,7 +77,7 @@ def load_method_modules(components: SDComponents, bundle: Bundle) -> dict[str, t
         config = REGISTRY[name].config_class.from_dict(bundle.meta.hyperparameters[name])
         module = build_module(name, config, components)
         try:
-            _load(name, module, bundle.component(name))
+            load_module_tensors(name, module, bundle.component(name))
         except RuntimeError as err:
             raise ValueError(f"bundle {bundle.path!r}: the `{name}` tensors do not fit its hyperparameters: "
                              f"{err}") from err

@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:  # a setting or a path to fix; the message says which
         log.error("%s", err)
         return 2
+    except ValueError as err:  # an input that does not fit (a bundle, an image); the message says what to change
+        log.error("%s (run with --log-level DEBUG for the traceback)", err)
+        log.debug("traceback", exc_info=True)
+        return 2
     if bundle is not None:
         log.info("done: %s", bundle)
     return 0

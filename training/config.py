@@ -45,7 +45,9 @@ class ModelConfig:
 
     ``dtype`` is the weight dtype of the frozen-only models (text encoder, teacher U-Net); "auto" follows
     ``train.mixed_precision``. Trainable models stay in float32 (AdamW and the fp16 grad scaler need fp32 master
-    weights) and run under autocast.
+    weights) and run under autocast. ``init_bundle``: an adapter bundle (e.g. an imported official release) whose
+    LoRA, conv_in and method modules are the starting point instead of a fresh initialisation
+    (``training.warm_start``).
     """
 
     base: str = ""
@@ -54,6 +56,7 @@ class ModelConfig:
     tokenizer: str = ""
     dtype: str = "auto"
     gradient_checkpointing: bool = False
+    init_bundle: str = ""
 
     def __post_init__(self) -> None:
         if bool(self.base) == self.tiny:

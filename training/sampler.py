@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from training.schema import ConfigError
+
 ORDER, TRAIN, VALIDATION = 0, 1, 2
 
 
@@ -42,7 +44,7 @@ class ResumableSampler(Sampler):
     def __init__(self, size: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True) -> None:
         if size < batch_size * world_size:
-            raise ValueError(f"the dataset has {size} images but one global batch needs {batch_size * world_size} "
+            raise ConfigError(f"the dataset has {size} images but one global batch needs {batch_size * world_size} "
                              f"(batch_size {batch_size} x {world_size} processes); add images or lower "
                              "train.batch_size.")
         self.size, self.batch_size, self.seed = size, batch_size, seed

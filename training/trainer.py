@@ -34,6 +34,7 @@ from training.optim import build_optimiser, build_schedule, check_group_names
 from training.sampler import ResumableSampler, seed_of
 from training.schema import ConfigError
 from training.toml_write import dumps
+from training.warm_start import apply_base_weights, load_init_bundle, warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +88,15 @@ class Trainer:
 
             self.validator = Validator(config, acc.device)
         self.generator = torch.Generator().manual_seed(seed_of(t.seed, STEP, rank))
-        components = load_components(config.model).to(acc.device)
+        init_bundle = load_init_bundle(config)
+        components = load_components(config.model)
+        if init_bundle is not None:
+            apply_base_weights(components, init_bundle)
+        components = components.to(acc.device)
         context = RunContext(acc.device, weight_dtype(config), torch.Generator().manual_seed(seed_of(t.seed, INIT)))
         self.method = method_class(config.method)(config, components, context)
+        if init_bundle is not None:
+            warm_start(self.method, init_bundle)
         self.modules = self.method.trainable_modules()
         self.phases = self.method.phases()
         check_group_names(config.optim, self.phases)

@@ -65,6 +65,9 @@ class Method(abc.ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    # The method's own setting that names its starting bundle (CODSR stage 2, RCOD's MEM stage); such methods take
+    # no ``model.init_bundle``.
+    own_start_bundle: ClassVar[str] = ""
 
     def __init__(self, config, components: SDComponents, context: RunContext) -> None:
         self.config = config  # training.config.TrainingConfig
@@ -72,6 +75,8 @@ class Method(abc.ABC):
         self.components = components
         self.context = context
         self.models: dict[str, torch.nn.Module] = {}
+        # the trained LoRA as a bundle's ``lora`` metadata (component -> rank, alpha, adapters), set by the method
+        self.lora: dict = {}
 
     @abc.abstractmethod
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -99,6 +104,11 @@ class Method(abc.ABC):
     def export_bundle(self) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
         """The adapter bundle (metadata and prefixed tensors) of the current weights, as ``osd_core.bundle``
         stores it; the trainer adds the training provenance to ``extra``."""
+
+    def bundle_modules(self) -> dict[str, torch.nn.Module]:
+        """The trained method modules by bundle name (``tae``, ``mine``, ``lqfm``, ``vpim``, ``mem``), which a warm
+        start loads from ``model.init_bundle`` (``training.warm_start``)."""
+        return {}
 
     def after_step(self, step: int) -> None:
         """Called after every optimiser step (all phases), with the number of steps done."""

@@ -138,6 +138,9 @@ class CODSRStage1(CODSRBase):
         loss = discriminator_loss(self.cfg.discriminator, disc(batch["hq"]), disc(carry["x_hat"].detach()))
         return PhaseOutput(loss, {"loss_d": float(loss.detach())})
 
+    def bundle_modules(self) -> dict[str, torch.nn.Module]:
+        return {"lqfm": self.lqfm}
+
     def export_bundle(self) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
         conv_in = [CONV_IN_PREFIX] if self.cfg.train_conv_in else []
         meta = codsr_meta(self.components.family, lora=self.lora,

@@ -115,6 +115,7 @@ class CODSRStage2(CODSRBase):
 
     name = "codsr_stage2"
     config_class = CODSRStage2Config
+    own_start_bundle = "codsr_stage2.stage1_bundle"
 
     def build_generator(self, components, context) -> torch.nn.Module:
         self.stage1 = load_bundle(self.cfg.stage1_bundle, expected_family=components.family)

@@ -253,6 +253,9 @@ class IDaS(OSEDiff):
         tensors.update({k: torch.zeros_like(tensors[k]) for k in zeroed})
         return config, tensors
 
+    def bundle_modules(self) -> dict[str, torch.nn.Module]:
+        return {"mine": self.mine}
+
     def export_bundle(self) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
         mine_config, mine_tensors = self.exported_mine()
         modules = ("unet_lora", "vae_encoder_lora", *([CONV_IN_PREFIX] if self.cfg.train_conv_in else []), "mine")

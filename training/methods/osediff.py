@@ -36,7 +36,7 @@ from osd_core.schedule import NoiseSchedule
 from training.losses.vsd import ScoreModels, VSDConfig, regulariser_diffusion_loss, sample_timesteps, vsd_loss
 from training.methods.base import Method, Phase, PhaseOutput
 from training.methods.sd_lora import add_unet_lora, conv_in_base, inject_training_lora, training_lora_spec
-from training.methods.sd_ops import PromptEncoder, decode, latent_noise, sample_latent
+from training.methods.sd_ops import PromptEncoder, decode, posterior_noise, sample_latent
 from training.perceptual import PerceptualConfig, build_perceptual
 
 # Verbatim from OSEDiff's training script (SPEC §1.2).
@@ -177,9 +177,7 @@ class OSEDiff(Method):
                                       schedule=self.components.schedule)
 
     def _noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
-        if self.cfg.latent_sampling == "mode":
-            return None
-        return latent_noise(x, self.components.vae.config.latent_channels, generator)  # (B, 4, h, w)
+        return posterior_noise(x, self.components.vae, self.cfg.latent_sampling, generator)  # (B, 4, h, w) or None
 
     def phase_loss(self, phase: str, batch: dict, carry: dict, generator: torch.Generator) -> PhaseOutput:
         c = self.cfg

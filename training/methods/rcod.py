@@ -157,6 +157,9 @@ class RCOD(OSEDiff):
         cond = self.vpim(self.tokens(lq))  # (B, N, D)
         return self.generator(lq, cond, self._noise(lq, generator), constant_timestep(self.cfg.timestep))[1]
 
+    def bundle_modules(self) -> dict[str, torch.nn.Module]:
+        return {"vpim": self.vpim}
+
     def export_bundle(self) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
         c = self.cfg
         meta = BundleMeta(method="rcod", base_family=self.components.family,

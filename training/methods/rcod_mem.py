@@ -29,7 +29,7 @@ from training.methods.base import Method, Phase, PhaseOutput
 from training.methods.clip_vision import vision_tower
 from training.methods.osediff import LATENT_SAMPLING
 from training.methods.rcod import RCODGenerator
-from training.methods.sd_ops import latent_noise, sample_latent
+from training.methods.sd_ops import posterior_noise, sample_latent
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class RCODMEM(Method):
 
     name = "rcod_mem"
     config_class = RCODMEMConfig
+    own_start_bundle = "rcod_mem.rcod_bundle"
 
     def __init__(self, config, components, context) -> None:
         super().__init__(config, components, context)
@@ -97,9 +98,7 @@ class RCODMEM(Method):
         return z_lq, tokens
 
     def _noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
-        if self.cfg.latent_sampling == "mode":
-            return None
-        return latent_noise(x, self.components.vae.config.latent_channels, generator)  # (B, 4, h, w)
+        return posterior_noise(x, self.components.vae, self.cfg.latent_sampling, generator)  # (B, 4, h, w) or None
 
     def phase_loss(self, phase: str, batch: dict, carry: dict, generator: torch.Generator) -> PhaseOutput:
         lq, hq = batch["lq"], batch["hq"]  # (B, 3, H, W) each

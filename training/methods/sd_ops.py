@@ -25,6 +25,12 @@ def latent_noise(x: torch.Tensor, latent_channels: int, generator: torch.Generat
     return torch.randn((b, latent_channels, h // 8, w // 8), generator=generator).to(x.device)
 
 
+def posterior_noise(x: torch.Tensor, vae, sampling: str, generator: torch.Generator) -> torch.Tensor | None:
+    """The noise ``sample_latent`` takes for a ``latent_sampling`` setting: "sample" draws ``latent_noise``, "mode"
+    gives None (the posterior mean)."""
+    return None if sampling == "mode" else latent_noise(x, vae.config.latent_channels, generator)
+
+
 def sample_latent(vae, x: torch.Tensor, noise: torch.Tensor | None, encoder=None) -> torch.Tensor:
     """x (B, 3, H, W) in [-1, 1] -> scaled latent (B, 4, H/8, W/8); ``noise`` None gives the mean (``mode``).
 

@@ -152,6 +152,9 @@ class TADSR(OSEDiff):
         _, x_hat = self.generator(lq, self.prompts(prompts), t_s, self._noise(lq, generator))
         return x_hat  # (B, 3, H, W)
 
+    def bundle_modules(self) -> dict[str, torch.nn.Module]:
+        return {"tae": self.tae}
+
     def export_bundle(self) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
         parameterisation, defaults = DEFAULTS["tadsr"]
         meta = BundleMeta(method="tadsr", base_family=self.components.family, parameterisation=parameterisation,
