@@ -129,6 +129,19 @@ def test_warmup_schedule_and_logs(tmp_path):
     assert trainer.optimisers[0].param_groups[0]["lr"] == pytest.approx(5e-5)
 
 
+def test_tensorboard_holds_the_csv_scalars(tmp_path):
+    """TensorBoard (optional for training, in the test extra) gets the rows of train_log.csv as train/<term>."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    Trainer(_toy_config(tmp_path, "train.log_every=2")).run()
+    with open(tmp_path / "run" / "train_log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    board = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    for term in ("loss_g", "loss_d", "lr"):
+        events = board.Scalars(f"train/{term}")
+        assert [e.step for e in events] == [int(r["step"]) for r in rows]
+        assert [e.value for e in events] == pytest.approx([float(r[term]) for r in rows], rel=1e-5)
+
+
 def test_command_line_prints_the_resolved_config_and_reports_errors(tmp_path, capsys):
     hq = image_folder(tmp_path / "hq", 1)
     code = main(["--config", str(OSEDIFF_TOML), "model.tiny=true", f"data.hq_dir={hq}", "train.max_steps=7",

@@ -197,8 +197,8 @@ class TrainConfig:
 class ValConfig:
     """Held-out validation: HQ images (centre-cropped to ``crop_size``) degraded with a fixed seed, or paired LQ.
     Writes LQ | output | HQ images and PSNR/SSIM/LPIPS per image to CSV. ``perceptual`` holds the settings of the
-    LPIPS network (``training.perceptual.PerceptualConfig``), checked when the trainer starts: the metric is an
-    optional dependency of validation only."""
+    LPIPS network (``training.perceptual.PerceptualConfig``; kind "lpips-alex" unless set, the LPIPS of the papers'
+    tables), checked when the trainer starts: the metric is an optional dependency of validation only."""
 
     hq_dir: str = ""
     lq_dir: str = ""

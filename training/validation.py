@@ -30,6 +30,8 @@ from training.sampler import VALIDATION, item_generator
 from training.schema import build
 
 logger = logging.getLogger(__name__)
+# the LPIPS the papers' tables report (pyiqa's default network), unless [val.perceptual] says otherwise
+VAL_LPIPS = "lpips-alex"
 
 
 def _pairs(config: TrainingConfig) -> list[tuple[str, torch.Tensor, torch.Tensor, str]]:
@@ -78,7 +80,8 @@ class Validator:
         self.pairs = _pairs(config)
         self.lpips = None
         if config.val.lpips:
-            perceptual = build(PerceptualConfig, config.val.perceptual, "val.perceptual")
+            settings = {"kind": VAL_LPIPS, **config.val.perceptual}
+            perceptual = build(PerceptualConfig, settings, "val.perceptual")
             self.lpips = build_perceptual(perceptual).to(device).eval().requires_grad_(False)
         logger.info("validation set: %d images from %s", len(self.pairs), config.val.hq_dir)
 
