@@ -5,15 +5,13 @@ the phases (generator → regulariser → discriminator), a few real steps, and 
 
 from __future__ import annotations
 
-import csv
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import training.methods.osediff as osediff_module
-from conftest import demo_workflow, node_of, run_image, write_image
+from conftest import node_of, run_image
 from osd_core.adapters import apply_bundle
 from osd_core.bundle import Bundle, load_bundle
 from osd_core.method_modules import load_method_modules
@@ -30,6 +28,8 @@ from training_support import (  # noqa: F401 (fixture)
     isolated_training,
     one_thread,
     reset_accelerate,
+    logged_rows,
+    run_bundle_workflow,
     run_trainer,
     validated,
     tiny_overrides,
@@ -294,15 +294,9 @@ def test_a_few_steps_train_every_phase_and_validate(trained):
                    "generator.mine.blocks.", "generator.vae.encoder.", "generator.unet.", "regulariser.",
                    "discriminator."):
         assert any(k.startswith(prefix) for k in changed), prefix
-    out = trainer.config.train.output_dir
-    with open(f"{out}/train_log.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3]
-    for term in ("loss_l2", "loss_lpips", "loss_vsd", "loss_gan", "loss_reg", "loss_d", "loss_g", "tau"):
-        assert all(float(r[term]) == float(r[term]) for r in rows), term  # present and not NaN
+    terms = ("loss_l2", "loss_lpips", "loss_vsd", "loss_gan", "loss_reg", "loss_d", "loss_g", "tau")
+    rows = logged_rows(trainer.config.train.output_dir, terms, 3)
     assert all(20 <= float(r["tau"]) <= 250 for r in rows)
-    with open(f"{out}/val_metrics.csv", newline="") as handle:
-        assert [r["image"] for r in csv.DictReader(handle)] == ["000", "001", "mean"]
 
 
 def test_bundle_rebuilds_mine_and_reproduces_the_generator(trained):
@@ -340,15 +334,7 @@ def test_an_ablated_bundle_computes_what_was_trained(tmp_path, switch):
 
 
 def test_bundle_runs_the_shipped_workflow_in_comfyui(trained, comfy, models_dir, input_dir):
-    _, _, bundle_path = trained
-    shutil.copyfile(bundle_path, models_dir / "onestep_sr" / "trained-idas.safetensors")
-    image = write_image(input_dir, "trained_idas_in.png", 24, 16)
-    prompt = demo_workflow("idas", image)
-    loader = node_of(prompt, "OneStepSRLoadModel")
-    prompt[loader]["inputs"]["bundle"] = "trained-idas.safetensors"
-    out = run_image(comfy, prompt)
-    assert out.shape == (1, 64, 96, 3)
-    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    prompt, out = run_bundle_workflow(comfy, models_dir, input_dir, trained[2], "idas")
     prompt[node_of(prompt, "OneStepSRChariotMix")]["inputs"]["s"] = 0.0
     assert not torch.equal(run_image(comfy, prompt), out)  # s reaches the timestep and the noise
 

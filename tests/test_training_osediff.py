@@ -4,12 +4,11 @@ validation, the exported bundle (it reproduces the trained generator and runs th
 from __future__ import annotations
 
 import csv
-import shutil
 
 import pytest
 import torch
 
-from conftest import demo_workflow, node_of, run_image, write_image
+from conftest import node_of, run_image
 from osd_core.adapters import apply_bundle
 from osd_core.bundle import load_bundle
 from osd_core.tiny import tiny_components
@@ -21,6 +20,8 @@ from training_support import (  # noqa: F401 (fixture)
     isolated_training,
     one_thread,
     reset_accelerate,
+    logged_rows,
+    run_bundle_workflow,
     run_trainer,
     validated,
     tiny_config,
@@ -59,11 +60,7 @@ def test_a_few_steps_train_every_term_and_validate(trained):
     changed = [k for k, v in before.items() if k.startswith("generator.")
                and not torch.equal(v, after[k[len("generator."):]])]
     assert any(".lora_B." in k for k in changed) and any("conv_in.base_layer" in k for k in changed)
-    with open(out / "train_log.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3]
-    for term in ("loss_l2", "loss_lpips", "loss_vsd", "loss_reg", "loss_g"):
-        assert all(float(r[term]) == float(r[term]) for r in rows), term  # present and not NaN
+    logged_rows(out, ("loss_l2", "loss_lpips", "loss_vsd", "loss_reg", "loss_g"), 3)
     strips = sorted((out / "val" / "step-00000003").glob("*.png"))
     assert [p.name for p in strips] == ["000.png", "001.png"]
     with open(out / "val_metrics.csv", newline="") as handle:
@@ -99,16 +96,8 @@ def test_bundle_loads_and_reproduces_the_trained_generator(trained):
 
 
 def test_bundle_runs_the_shipped_workflow_in_comfyui(trained, comfy, models_dir, input_dir):
-    _, _, bundle_path, _ = trained
-    shutil.copyfile(bundle_path, models_dir / "onestep_sr" / "trained-osediff.safetensors")
-    image = write_image(input_dir, "trained_in.png", 24, 16)
-    prompt = demo_workflow("osediff", image)
-    loader = node_of(prompt, "OneStepSRLoadModel")
-    prompt[loader]["inputs"]["bundle"] = "trained-osediff.safetensors"
-    out = run_image(comfy, prompt)
-    assert out.shape == (1, 64, 96, 3)
-    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
-    prompt[loader]["inputs"]["bundle"] = "none"
+    prompt, out = run_bundle_workflow(comfy, models_dir, input_dir, trained[2], "osediff")
+    prompt[node_of(prompt, "OneStepSRLoadModel")]["inputs"]["bundle"] = "none"
     assert not torch.equal(run_image(comfy, prompt), out)
 
 

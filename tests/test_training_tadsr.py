@@ -4,14 +4,12 @@ and the exported bundle (it reproduces the trained student and runs the shipped 
 
 from __future__ import annotations
 
-import csv
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import demo_workflow, node_of, run_image, write_image
+from conftest import node_of, run_image
 from osd_core.adapters import apply_bundle
 from osd_core.bundle import load_bundle
 from osd_core.method_modules import load_method_modules
@@ -30,6 +28,8 @@ from training_support import (  # noqa: F401 (fixture)
     isolated_training,
     one_thread,
     reset_accelerate,
+    logged_rows,
+    run_bundle_workflow,
     run_trainer,
     validated,
     tiny_overrides,
@@ -198,14 +198,7 @@ def test_a_few_steps_train_every_term_and_validate(trained):
     assert any(k.startswith("generator.tae.time_emb_proj.") for k in changed)
     assert any(".lora_B." in k and k.startswith("generator.vae.encoder") for k in changed)
     assert any(".lora_B." in k and k.startswith("regulariser.") for k in changed)
-    out = trainer.config.train.output_dir
-    with open(f"{out}/train_log.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3]
-    for term in ("loss_l2", "loss_lpips", "loss_vsd", "loss_reg", "loss_g"):
-        assert all(float(r[term]) == float(r[term]) for r in rows), term  # present and not NaN
-    with open(f"{out}/val_metrics.csv", newline="") as handle:
-        assert [r["image"] for r in csv.DictReader(handle)] == ["000", "001", "mean"]
+    logged_rows(trainer.config.train.output_dir, ("loss_l2", "loss_lpips", "loss_vsd", "loss_reg", "loss_g"), 3)
 
 
 def test_bundle_reproduces_the_trained_student(trained):
@@ -230,15 +223,7 @@ def test_bundle_reproduces_the_trained_student(trained):
 
 
 def test_bundle_runs_the_shipped_workflow_in_comfyui(trained, comfy, models_dir, input_dir):
-    _, _, bundle_path = trained
-    shutil.copyfile(bundle_path, models_dir / "onestep_sr" / "trained-tadsr.safetensors")
-    image = write_image(input_dir, "trained_tadsr_in.png", 24, 16)
-    prompt = demo_workflow("tadsr", image)
-    loader = node_of(prompt, "OneStepSRLoadModel")
-    prompt[loader]["inputs"]["bundle"] = "trained-tadsr.safetensors"
-    out = run_image(comfy, prompt)
-    assert out.shape == (1, 64, 96, 3)
-    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    prompt, out = run_bundle_workflow(comfy, models_dir, input_dir, trained[2], "tadsr")
     prompt[node_of(prompt, "OneStepSRTimestep")]["inputs"]["timestep"] = 100.0
     assert not torch.equal(run_image(comfy, prompt), out)  # t_s reaches the encoder and the U-Net
 

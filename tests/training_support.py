@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,36 @@ def run_trainer(config: TrainingConfig):
         bundle = trainer.run()
     reset_accelerate()
     return trainer, before, bundle
+
+
+def logged_rows(run_dir: str | Path, terms: tuple[str, ...], steps: int) -> list[dict[str, str]]:
+    """The rows of ``train_log.csv``, after checking one per step 1..``steps`` and every term present, not NaN;
+    and that validation scored images 000 and 001 (``validated`` on two images)."""
+    run_dir = Path(run_dir)
+    with open(run_dir / "train_log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
+    for term in terms:
+        assert all(float(r[term]) == float(r[term]) for r in rows), term  # present and not NaN
+    with open(run_dir / "val_metrics.csv", newline="") as handle:
+        assert [r["image"] for r in csv.DictReader(handle)] == ["000", "001", "mean"]
+    return rows
+
+
+def run_bundle_workflow(comfy, models_dir: Path, input_dir: Path, bundle: Path, workflow: str,
+                        size: tuple[int, int] = (24, 16)):
+    """Run the shipped ``workflow`` on ``bundle`` (copied into the suite's models/onestep_sr) and a ``size`` (w, h)
+    input image inside ComfyUI: (the API prompt, which later runs may edit; the output (1, 4h, 4w, 3) in [0, 1])."""
+    from conftest import demo_workflow, node_of, run_image, write_image
+
+    name = f"trained-{workflow}-{bundle.stem}.safetensors"
+    shutil.copyfile(bundle, models_dir / "onestep_sr" / name)
+    prompt = demo_workflow(workflow, write_image(input_dir, f"{name}.png", *size))
+    prompt[node_of(prompt, "OneStepSRLoadModel")]["inputs"]["bundle"] = name
+    out = run_image(comfy, prompt)
+    assert out.shape == (1, 4 * size[1], 4 * size[0], 3)
+    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    return prompt, out
 
 
 def reset_accelerate() -> None:

@@ -25,12 +25,12 @@ import torch
 from osd_core.adapters import CONV_IN_PREFIX, collect_bundle_tensors
 from osd_core.bundle import BundleMeta
 from osd_core.method_modules import bundle_tensors
-from training.losses.gan import DiscriminatorConfig, PatchDiscriminator, discriminator_loss, generator_loss
+from training.losses.gan import DiscriminatorConfig, discriminator_loss, generator_loss
 from training.methods.base import Phase, PhaseOutput
 from training.methods.codsr_generator import CODSRDraws, CODSRGenerator, build_lqfm, check_timesteps, codsr_meta, draw
 from training.methods.osediff import OSEDiff, OSEDiffConfig
 from training.methods.sd_lora import conv_in_base
-from training.methods.seeded import seeded_global_rng
+from training.methods.seeded import seeded_discriminator
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,7 @@ class CODSRStage1(CODSRBase):
         super().__init__(config, components, context)
         self.discriminator = None
         if self.cfg.lambda_gan > 0:
-            # the conv constructors draw from the global RNG before the seeded init; keep it untouched
-            with seeded_global_rng(context.init_generator):
-                discriminator = PatchDiscriminator(self.cfg.discriminator, context.init_generator)
-            self.discriminator = discriminator.to(context.device)
+            self.discriminator = seeded_discriminator(self.cfg.discriminator, context.init_generator, context.device)
 
     def build_generator(self, components, context) -> torch.nn.Module:
         super().build_generator(components, context)  # OSEDiff's LoRA targets, at this run's ranks (U-Net 16)

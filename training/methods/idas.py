@@ -47,13 +47,13 @@ from osd_core.chariot import ChariotConfig, chariot
 from osd_core.mine import MINE, MINEConfig
 from osd_core.parameterisation import Parameterisation, noisy_latent, predict_x0
 from osd_core.text import add_embedding
-from training.losses.gan import DiscriminatorConfig, PatchDiscriminator, discriminator_loss, generator_loss
+from training.losses.gan import DiscriminatorConfig, discriminator_loss, generator_loss
 from training.losses.vsd import adapters_disabled
 from training.methods.base import Phase, PhaseOutput
 from training.methods.osediff import OSEDiff, OSEDiffConfig
 from training.methods.sd_lora import conv_in_base
 from training.methods.sd_ops import decode, latent_noise, sample_latent
-from training.methods.seeded import seeded_global_rng
+from training.methods.seeded import seeded_discriminator, seeded_global_rng
 from training.schema import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class IDaS(OSEDiff):
         self.discriminator = None
         if self.cfg.use_lgan:
             _check_latent_size(config.data.crop_size, components.vae, self.cfg.discriminator)
-            self.discriminator = PatchDiscriminator(self.cfg.discriminator, context.init_generator).to(context.device)
+            self.discriminator = seeded_discriminator(self.cfg.discriminator, context.init_generator, context.device)
 
     def build_generator(self, components, context) -> torch.nn.Module:
         super().build_generator(components, context)  # OSEDiff's LoRA (U-Net, VAE encoder) and the whole conv_in

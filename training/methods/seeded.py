@@ -12,6 +12,8 @@ from typing import Iterator
 
 import torch
 
+from training.losses.gan import DiscriminatorConfig, PatchDiscriminator
+
 
 @contextlib.contextmanager
 def seeded_global_rng(generator: torch.Generator) -> Iterator[None]:
@@ -20,3 +22,12 @@ def seeded_global_rng(generator: torch.Generator) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # scoped by fork_rng: the caller's global state is restored on exit
         yield
+
+
+def seeded_discriminator(config: DiscriminatorConfig, generator: torch.Generator,
+                         device: torch.device) -> PatchDiscriminator:
+    """A PatchGAN whose weights come from ``generator`` alone, on ``device``; the global RNG its conv constructors
+    draw from before the seeded init is left as it was."""
+    with seeded_global_rng(generator):
+        discriminator = PatchDiscriminator(config, generator)
+    return discriminator.to(device)
