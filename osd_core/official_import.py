@@ -32,6 +32,7 @@ import torch
 from .adapters import ENCODER_BASE_PREFIX
 from .bundle import BundleMeta
 from .lora import PEFT_DEFAULT_ALPHA
+from .method_defaults import METHOD_DEFAULTS
 from .official_time_vae import encoder_base_tensors, read_time_vae
 from .sft import LQFMConfig
 from .tae import TAEConfig
@@ -50,15 +51,7 @@ PISA_KEYS = {"lora_rank_unet_pix", "lora_rank_unet_sem", "state_dict_unet"} | {
 LAYOUT_KEYS = {"codsr": CODSR_KEYS, "pisa-sr": PISA_KEYS, "tadsr": OSEDIFF_KEYS | {"state_dict_vae_time"},
                "osediff": OSEDIFF_KEYS}
 SFT_KEYS = {f"SFT_{branch}_conv{i}.{p}" for branch in ("scale", "shift") for i in (0, 1) for p in ("weight", "bias")}
-DEFAULTS = {
-    "osediff": ("S", {"timestep": 999, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"}),
-    "tadsr": ("R", {"timestep": 500, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"}),
-    # CODSR's released tiles are 150/50 latent px; ours must be multiples of 8, so the nearest are used.
-    "codsr": ("N", {"timestep": 100, "tile_size": 152, "tile_overlap": 48, "color_fix": "adain"}),
-    # PiSA-SR's test script: t = 1, empty prompt (no RAM at test time), λ_pix = λ_sem = 1.
-    "pisa-sr": ("P", {"timestep": 1, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain", "prompt": "",
-                      "lambda_pix": 1.0, "lambda_sem": 1.0}),
-}
+DEFAULTS = {layout: METHOD_DEFAULTS[layout] for layout in LAYOUT_KEYS}  # the released methods' (method_defaults)
 
 
 def read_official(path: str | Path) -> dict:

@@ -14,6 +14,7 @@ import torch
 from .adapters import apply_bundle
 from .bundle import load_bundle
 from .datatypes import OSDModel
+from .method_defaults import METHOD_DEFAULTS
 from .method_modules import load_method_modules
 from .models import load_sd_components
 from .parameterisation import Parameterisation
@@ -21,7 +22,7 @@ from .parameterisation import Parameterisation
 logger = logging.getLogger(__name__)
 
 # OSEDiff's inference recipe (SPEC §1.3): the defaults of a model without a bundle.
-OSEDIFF_DEFAULTS = {"timestep": 999, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"}
+OSEDIFF_DEFAULTS = METHOD_DEFAULTS["osediff"][1]
 
 
 def load_osd_model(

@@ -23,6 +23,7 @@ from .models import (
     cast,
     load_tokenizer,
 )
+from .method_defaults import METHOD_DEFAULTS
 from .schedule import NoiseSchedule
 
 TINY_UNET = dict(
@@ -79,22 +80,19 @@ def save_tiny_diffusers(folder: str | Path, seed: int = 0) -> SDComponents:
     return components
 
 
-# Per method: x̂₀ parameterisation, inference defaults, and the tiny configs of its modules (SPEC §3–6).
-TINY_METHODS = {
-    "osediff": ("S", {"timestep": 999, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"}, {}),
-    "idas": ("S", {"s": 0.6, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"},
-             {"mine": dict(hidden_size=32, depth=2, num_heads=4, num_queries=4, cond_dim=32)}),
-    "codsr": ("N", {"timestep": 100, "tile_size": 152, "tile_overlap": 48, "color_fix": "adain"},
-              {"lqfm": dict(hidden=32, out_channels=32)}),
+# Per method: the tiny configs of its modules (SPEC §3–6).
+TINY_MODULES = {
+    "osediff": {},
+    "idas": {"mine": dict(hidden_size=32, depth=2, num_heads=4, num_queries=4, cond_dim=32)},
+    "codsr": {"lqfm": dict(hidden=32, out_channels=32)},
     # RCOD reads ComfyUI's native CLIP vision tower, which only loads at full ViT-L/14 width (1024).
-    "rcod": ("S", {"level": "neutral", "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"},
-             {"vpim": dict(vision_dim=1024, cond_dim=32), "mem": dict(token_dim=1024, hidden=(32, 16))}),
-    "tadsr": ("R", {"timestep": 500, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"},
-              {"tae": dict(time_proj_channels=32, temb_channels=64)}),
+    "rcod": {"vpim": dict(vision_dim=1024, cond_dim=32), "mem": dict(token_dim=1024, hidden=(32, 16))},
+    "tadsr": {"tae": dict(time_proj_channels=32, temb_channels=64)},
     # PiSA-SR's two U-Net LoRA sets (pixel merged, semantic live) are LoRA components, not modules: see tiny_bundle.
-    "pisa-sr": ("P", {"timestep": 1, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain", "prompt": "",
-                      "lambda_pix": 1.0, "lambda_sem": 1.0}, {}),
+    "pisa-sr": {},
 }
+# Per method: x̂₀ parameterisation, inference defaults (``method_defaults``) and the tiny module configs.
+TINY_METHODS = {method: (*METHOD_DEFAULTS[method], modules) for method, modules in TINY_MODULES.items()}
 # Methods whose U-Net carries a second, live LoRA set (bundle component "unet_sem"), and its adapter-name suffixes.
 DUAL_LORA = {"pisa-sr": ("_pix", "_sem")}
 

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from osd_core.bundle import BundleMeta
-from osd_core.official_import import DEFAULTS
+from osd_core.method_defaults import METHOD_DEFAULTS
 from osd_core.parameterisation import Parameterisation
 from osd_core.schedule import NoiseSchedule
 from osd_core.sft import LQFM, LQFMConfig, conv_in_hook, lambda_t
@@ -96,7 +96,7 @@ class CODSRGenerator(torch.nn.Module):
 def codsr_meta(family: str, *, lora: dict, modules: tuple[str, ...], hyperparameters: dict,
                timestep: int) -> BundleMeta:
     """The metadata of a CODSR bundle: x̂₀ (N) and the release's inference defaults with ``timestep`` as t_s."""
-    parameterisation, defaults = DEFAULTS[METHOD]
+    parameterisation, defaults = METHOD_DEFAULTS[METHOD]
     return BundleMeta(method=METHOD, base_family=family, parameterisation=parameterisation, lora=lora,
                       modules=modules, hyperparameters=hyperparameters,
                       defaults={**defaults, "timestep": timestep})

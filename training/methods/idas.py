@@ -44,6 +44,7 @@ import torch
 from osd_core.adapters import CONV_IN_PREFIX, collect_bundle_tensors
 from osd_core.bundle import BundleMeta
 from osd_core.chariot import ChariotConfig, chariot
+from osd_core.method_defaults import METHOD_DEFAULTS
 from osd_core.mine import MINE, MINEConfig
 from osd_core.parameterisation import Parameterisation, noisy_latent, predict_x0
 from osd_core.text import add_embedding
@@ -58,8 +59,6 @@ from training.schema import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Inference defaults of an IDaS-SR bundle: the paper's s = 0.6 (Tab. 5) and OSEDiff's tiling and colour fix.
-IDAS_DEFAULTS = {"s": 0.6, "tile_size": 96, "tile_overlap": 32, "color_fix": "adain"}
 
 
 @dataclass(frozen=True)
@@ -261,7 +260,7 @@ class IDaS(OSEDiff):
         modules = ("unet_lora", "vae_encoder_lora", *([CONV_IN_PREFIX] if self.cfg.train_conv_in else []), "mine")
         meta = BundleMeta(method="idas", base_family=self.components.family, parameterisation="S", lora=self.lora,
                           modules=modules, hyperparameters={"mine": mine_config.to_dict()},
-                          defaults={**IDAS_DEFAULTS, "s": self.cfg.validation_s})
+                          defaults={**METHOD_DEFAULTS["idas"][1], "s": self.cfg.validation_s})
         tensors = collect_bundle_tensors(self.components, meta)
         tensors.update({f"mine.{k}": v for k, v in mine_tensors.items()})
         return meta, tensors

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from osd_core.adapters import collect_bundle_tensors
 from osd_core.bundle import BundleMeta
+from osd_core.method_defaults import METHOD_DEFAULTS
 from osd_core.models import cast
-from osd_core.official_import import DEFAULTS
 from osd_core.parameterisation import Parameterisation, predict_x0
 from osd_core.schedule import NoiseSchedule
 from training.losses.vsd import ScoreModels, VSDConfig, regulariser_diffusion_loss, sample_timesteps, vsd_loss
@@ -211,7 +211,7 @@ class OSEDiff(Method):
         return x_hat  # (B, 3, H, W)
 
     def export_bundle(self) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
-        parameterisation, defaults = DEFAULTS["osediff"]
+        parameterisation, defaults = METHOD_DEFAULTS["osediff"]
         meta = BundleMeta(method="osediff", base_family=self.components.family, parameterisation=parameterisation,
                           lora=self.lora, modules=("unet_lora", "vae_encoder_lora", "unet_conv_in"),
                           defaults={**defaults, "timestep": self.cfg.timestep})

@@ -33,6 +33,7 @@ import torch
 from osd_core.adapters import collect_bundle_tensors
 from osd_core.bundle import BundleMeta
 from osd_core.ldg import LDGConfig, latent_similarity, level_timestep, level_timesteps
+from osd_core.method_defaults import METHOD_DEFAULTS
 from osd_core.method_modules import bundle_tensors
 from osd_core.models import cast
 from osd_core.parameterisation import Parameterisation
@@ -45,8 +46,6 @@ from training.methods.osediff import OSEDiff, OSEDiffConfig
 from training.methods.sd_ops import decode, sample_latent
 from training.methods.whole_latent import denoise_whole_latent
 
-# RCOD has no official release; these are the inference defaults its workflow ships with.
-RCOD_DEFAULTS = {"tile_size": 96, "tile_overlap": 32, "color_fix": "adain"}
 TimestepRule = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -166,7 +165,7 @@ class RCOD(OSEDiff):
                           parameterisation=Parameterisation.STANDARD.value, lora=self.lora,
                           modules=("unet_lora", "vae_encoder_lora", "unet_conv_in", "vpim"),
                           hyperparameters={"vpim": self.vpim.config.to_dict(), "ldg": c.ldg.to_dict()},
-                          defaults={"level": level_name(c.timestep, c.ldg), **RCOD_DEFAULTS})
+                          defaults={**METHOD_DEFAULTS["rcod"][1], "level": level_name(c.timestep, c.ldg)})
         tensors = collect_bundle_tensors(self.components, meta)
         tensors.update({f"vpim.{k}": v for k, v in bundle_tensors("vpim", self.vpim).items()})
         return meta, tensors

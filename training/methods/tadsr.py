@@ -33,8 +33,8 @@ import torch
 
 from osd_core.adapters import collect_bundle_tensors
 from osd_core.bundle import BundleMeta
+from osd_core.method_defaults import METHOD_DEFAULTS
 from osd_core.method_modules import bundle_tensors
-from osd_core.official_import import DEFAULTS
 from osd_core.parameterisation import Parameterisation, predict_x0
 from osd_core.schedule import NoiseSchedule
 from osd_core.tae import TAEConfig, TimeAwareEncoder
@@ -156,7 +156,7 @@ class TADSR(OSEDiff):
         return {"tae": self.tae}
 
     def export_bundle(self) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
-        parameterisation, defaults = DEFAULTS["tadsr"]
+        parameterisation, defaults = METHOD_DEFAULTS["tadsr"]
         meta = BundleMeta(method="tadsr", base_family=self.components.family, parameterisation=parameterisation,
                           lora=self.lora, modules=("unet_lora", "vae_encoder_lora", "unet_conv_in", "tae"),
                           hyperparameters={"tae": self.cfg.tae.to_dict()},
