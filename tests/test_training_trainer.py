@@ -150,3 +150,11 @@ def test_command_line_prints_the_resolved_config_and_reports_errors(tmp_path, ca
     assert code == 0 and printed["train"]["max_steps"] == 7 and printed["method"] == "osediff"
     assert main(["--config", str(OSEDIFF_TOML), "model.tiny=true", f"data.hq_dir={hq}", "train.max_stpes=7"]) == 2
     assert main(["--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_a_missing_base_model_is_named_as_the_setting(tmp_path, caplog):
+    hq = image_folder(tmp_path / "hq", 2)
+    code = main(["--config", str(OSEDIFF_TOML), f"model.base={tmp_path / 'sd21'}", f"data.hq_dir={hq}",
+                 "train.mixed_precision=no", "data.num_workers=0", "train.batch_size=1",
+                 f"train.output_dir={tmp_path / 'run'}"])
+    assert code == 2 and "model.base" in caplog.text and "does not exist" in caplog.text

@@ -46,6 +46,9 @@ def load_components(config: ModelConfig) -> SDComponents:
     """The base SD components on the CPU in float32 (tiny random ones for ``model.tiny``)."""
     if config.tiny:
         return tiny_components(config.tiny_seed)
+    if not Path(config.base).exists():
+        raise FileNotFoundError(f"model.base {config.base!r} does not exist; set it to a local SD 2.1-base diffusers "
+                                "folder (unet/, vae/, text_encoder/) or single .safetensors checkpoint.")
     return load_sd_components(config.base, dtype=torch.float32, tokenizer_dir=config.tokenizer or None)
 
 
