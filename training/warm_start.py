@@ -80,8 +80,9 @@ def warm_start(method: Method, bundle: Bundle) -> list[str]:
     for component, run_spec in method.lora.items():
         if component not in meta.lora:
             continue
+        tensors = _lora_tensors(bundle, component, run_spec)
         try:
-            load_lora_state_dict(lora_host(components, component), _lora_tensors(bundle, component, run_spec))
+            load_lora_state_dict(lora_host(components, component), tensors)
         except ValueError as err:
             raise ConfigError(f"`model.init_bundle` {bundle.path!r}, {component} LoRA: {err} Its adapters must "
                               "target the modules this run trains (OSEDiff's layout).") from err
