@@ -18,13 +18,13 @@ from training.trainer import Trainer
 from training_support import (  # noqa: F401 (fixture)
     image_folder,
     isolated_training,
+    logged_rows,
     one_thread,
     reset_accelerate,
-    logged_rows,
     run_bundle_workflow,
     run_trainer,
-    validated,
     tiny_config,
+    validated,
 )
 
 

@@ -33,8 +33,8 @@ from training_support import (  # noqa: F401 (fixture)
     one_thread,
     reset_accelerate,
     run_trainer,
-    validated,
     tiny_overrides,
+    validated,
 )
 
 RCOD_TOML = REPO / "training" / "configs" / "rcod.toml"

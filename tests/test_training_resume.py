@@ -19,9 +19,9 @@ from training.trainer import Trainer
 from training_support import (  # noqa: F401 (fixture)
     OSEDIFF_TOML,
     REPO,
+    image_folder,
     isolated_training,
     reset_accelerate,
-    image_folder,
     tiny_config,
     tiny_overrides,
 )

@@ -26,13 +26,13 @@ from training_support import (  # noqa: F401 (fixture)
     REPO,
     image_folder,
     isolated_training,
+    logged_rows,
     one_thread,
     reset_accelerate,
-    logged_rows,
     run_bundle_workflow,
     run_trainer,
-    validated,
     tiny_overrides,
+    validated,
 )
 
 TADSR_TOML = REPO / "training" / "configs" / "tadsr.toml"
