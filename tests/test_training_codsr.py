@@ -4,7 +4,6 @@ loss composition and TMG token loss, a few real steps of both configs, and both 
 
 from __future__ import annotations
 
-import csv
 import shutil
 
 import numpy as np
@@ -28,9 +27,12 @@ from training.methods.sd_ops import latent_noise, sample_latent
 from training.trainer import Trainer
 from training_support import (  # noqa: F401 (fixture)
     REPO,
+    changed_keys,
     image_folder,
     isolated_training,
+    logged_rows,
     one_thread,
+    random_images,
     reset_accelerate,
     run_trainer,
     tiny_overrides,
@@ -85,10 +87,6 @@ def trained(tmp_path_factory):
 @pytest.fixture
 def stage1(tmp_path):
     return Trainer(stage1_config(tmp_path, image_folder(tmp_path / "hq", 2)))
-
-
-def _images(seed: int, batch: int = 2, size: int = 64) -> torch.Tensor:
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def _perturb_lqfm(lqfm) -> None:
@@ -187,7 +185,7 @@ def test_stage1_trains_lora_r16_r4_and_lqfm_and_a_separate_discriminator(stage1,
 def test_stage1_discriminator_phase_is_smoothed_bce_on_real_and_detached_fake(stage1):
     method = stage1.method
     method.discriminator.eval()  # spectral norm's power iteration would move the weights between the calls
-    hq, fake = _images(6), _images(7).requires_grad_(True)
+    hq, fake = random_images(6), random_images(7).requires_grad_(True)
     out = method.phase_loss("discriminator", {"hq": hq}, {"x_hat": fake}, torch.Generator().manual_seed(0))
     with torch.no_grad():
         real_logits, fake_logits = method.discriminator(hq), method.discriminator(fake)
@@ -204,15 +202,12 @@ def test_stage1_discriminator_phase_is_smoothed_bce_on_real_and_detached_fake(st
 
 def test_stage1_steps_weigh_l2_lpips_gan_as_2_5_half(trained):
     first, before, _, _, _, _, tmp = trained
-    with open(tmp / "s1" / "run" / "train_log.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [int(r["step"]) for r in rows] == [1, 2]
-    for row in rows:
-        term = {k: float(row[k]) for k in ("loss_l2", "loss_lpips", "loss_gan", "loss_g", "loss_d")}
+    names = ("loss_l2", "loss_lpips", "loss_gan", "loss_g", "loss_d")
+    for row in logged_rows(tmp / "s1" / "run", names, 2, val_images=1):
+        term = {k: float(row[k]) for k in names}
         assert term["loss_g"] == pytest.approx(2 * term["loss_l2"] + 5 * term["loss_lpips"] + 0.5 * term["loss_gan"],
                                                rel=1e-4)
-    after = first.state.capture()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    changed = changed_keys(first, before)
     assert any(".lora_B." in k for k in changed) and any("lqfm.SFT_scale_conv1" in k for k in changed)
     assert any(k.startswith("discriminator.") for k in changed)
     assert (tmp / "s1" / "run" / "val" / "step-00000002" / "000.png").is_file()
@@ -244,7 +239,7 @@ def test_stage1_bundle_reproduces_the_trained_generator(trained):
     assert (meta.lora["unet"]["rank"], meta.lora["vae_encoder"]["rank"]) == (16, 4) and meta.lora_scale("unet") == 0.5
     apply_bundle(components, bundle)
     lqfm = load_method_modules(components, bundle)["lqfm"]
-    lq = _images(8)
+    lq = random_images(8)
     cond = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(9))
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(10))
     t = torch.tensor([100.0, 100.0])
@@ -288,16 +283,13 @@ def test_stage2_merges_stage1_and_trains_only_the_cross_attention_alignment_lora
 
 def test_stage2_loss_is_mse_2lpips_2vsd_plus_pos_and_trains(trained):
     _, _, _, second, before, _, tmp = trained
-    with open(tmp / "s2" / "run" / "train_log.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [int(r["step"]) for r in rows] == [1, 2]
-    for row in rows:
-        term = {k: float(row[k]) for k in ("loss_l2", "loss_lpips", "loss_vsd", "loss_pos", "loss_g", "loss_reg")}
+    names = ("loss_l2", "loss_lpips", "loss_vsd", "loss_pos", "loss_g", "loss_reg")
+    for row in logged_rows(tmp / "s2" / "run", names, 2, val_images=1):
+        term = {k: float(row[k]) for k in names}
         assert 0 < term["loss_pos"] <= 1
         assert term["loss_g"] == pytest.approx(
             term["loss_l2"] + 2 * term["loss_lpips"] + 2 * term["loss_vsd"] + term["loss_pos"], rel=1e-4)
-    after = second.state.capture()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    changed = changed_keys(second, before)
     assert any("_alignment" in k and ".lora_B." in k for k in changed)
     assert any(k.startswith("regulariser.") for k in changed)
     assert (tmp / "s2" / "run" / "val" / "step-00000002" / "000.png").is_file()
@@ -309,10 +301,10 @@ def test_tmg_token_loss_follows_comat_on_the_masked_samples(trained):
     _, _, _, second, _, _, _ = trained
     method = second.method
     tokenizer = method.components.tokenizer
-    lq = _images(11)
+    lq = random_images(11)
     masks = torch.zeros(2, 2, 64, 64)
     masks[0, 0, :, :32] = 1  # sample 0: "dog", the left half; sample 1 has no valid mask (its loss is not counted)
-    batch = {"lq": lq, "hq": _images(12), "prompt": [PROMPT, PROMPT], "masks": masks,
+    batch = {"lq": lq, "hq": random_images(12), "prompt": [PROMPT, PROMPT], "masks": masks,
              "mask_valid": torch.tensor([[True, False], [False, False]]), "nouns": [["dog", ""], ["", ""]]}
     cond = method.prompts(batch["prompt"])
     carry = {}

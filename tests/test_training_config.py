@@ -68,13 +68,7 @@ def test_unknown_section_and_method():
     ("optim.betas=[0.9]", r"`optim\.betas` must be a list of 2 values"),
     ("optim.lr=\"fast\"", r"`optim\.lr` must be a number"),
     ("data.degradation.resize_prob=[0.5, 0.5, 0.5]", r"\[data\.degradation\] `resize_prob` must sum to 1"),
-])
-def test_wrong_types_name_key_and_value(override, message):
-    with pytest.raises(ConfigError, match=message):
-        _load(override)
-
-
-@pytest.mark.parametrize("override,message", [
+    # values out of range
     ("train.max_steps=0", r"`train\.max_steps` must be an integer >= 1; got 0"),
     ("optim.lr=-1e-4", r"`optim\.lr` must be positive"),
     ("data.crop_size=100", r"`data\.crop_size` must be a multiple of 8 and of the degradation scale 4"),
@@ -83,7 +77,7 @@ def test_wrong_types_name_key_and_value(override, message):
     ("optim.warmup_steps=500", r"no effect with schedule \"constant\""),
     ("train.val_every=100", r"`val\.hq_dir` is empty"),
 ])
-def test_out_of_range_values(override, message):
+def test_wrong_types_and_values_out_of_range_name_key_and_value(override, message):
     with pytest.raises(ConfigError, match=message):
         _load(override)
 

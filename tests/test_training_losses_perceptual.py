@@ -21,6 +21,7 @@ from training.perceptual.fallback import FallbackPerceptual, ms_gmsd, ms_ssim
 from training.perceptual.lpips import LPIPS, conv_indices, randomise_, trunk_key
 from training.perceptual.safe_pickle import UnsafePickleError, load_numpy_pickle
 from training.perceptual.weights import SDIST_NAME, WeightsUnavailable, flax_to_state_dict, torchvision_trunk
+from training_support import random_images
 
 PYIQA_WHEEL = "pyiqa-0.1.16-py3-none-any.whl"
 PAIRS = ("I03", "I04", "I06", "I08", "I19")
@@ -28,13 +29,9 @@ PAIRS = ("I03", "I04", "I06", "I08", "I19")
 LPIPS_ALEX_REFERENCE = (0.7237, 0.2572, 0.0508, 0.0521, 0.4253)
 
 
-def _images(seed: int, batch: int = 2, size: int = 32) -> torch.Tensor:
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
 def test_random_trunk_lpips_is_zero_on_identical_images_and_symmetric():
     model = build_perceptual(PerceptualConfig(kind="random-trunk", seed=1))
-    x, y = _images(0), _images(1)
+    x, y = random_images(0, size=32), random_images(1, size=32)
     d = model(x, y)
     assert d.shape == (2,) and d.dtype == torch.float32 and bool((d > 0).all())
     assert model(x, x).abs().max().item() == 0.0
@@ -47,7 +44,7 @@ def test_random_trunk_lpips_is_zero_on_identical_images_and_symmetric():
 def test_lpips_gradient_is_finite_on_flat_images():
     model = randomise_(LPIPS("vgg"), torch.Generator().manual_seed(0)).requires_grad_(False)
     x = torch.full((1, 3, 16, 16), -1.0, requires_grad=True)  # all-zero feature vectors after some ReLUs
-    model(x, _images(2, 1, 16)).sum().backward()
+    model(x, random_images(2, 1, 16)).sum().backward()
     assert torch.isfinite(x.grad).all()
 
 
@@ -64,7 +61,7 @@ def test_fallback_is_used_and_logged_when_weights_are_missing(tmp_path, caplog):
 
 def test_fallback_distance_properties():
     model = build_perceptual(PerceptualConfig(kind="fallback"))
-    x, y = _images(3, size=64), _images(4, size=64)
+    x, y = random_images(3, size=64), random_images(4, size=64)
     x.requires_grad_(True)
     same = model(x, x.detach())
     assert same.max().item() < 1e-5
@@ -78,7 +75,7 @@ def test_fallback_distance_properties():
 
 
 def test_ms_ssim_and_ms_gmsd_identities():
-    x = (_images(5, size=64) + 1) / 2
+    x = (random_images(5, size=64) + 1) / 2
     torch.testing.assert_close(ms_ssim(x, x), torch.ones(2))
     assert ms_gmsd(x, x).max().item() < 1e-5
     with pytest.raises(ValueError, match="at least 11 px"):
@@ -138,7 +135,7 @@ def test_torchvision_vgg16_keys_map_onto_the_slices(tmp_path):
     model = build_perceptual(PerceptualConfig(kind="lpips-vgg", torchvision_vgg16=str(tmp_path / "vgg16-397923af.pth"),
                                               lpips_heads=str(tmp_path / "vgg.pth"), cache_dir=str(tmp_path)))
     assert isinstance(model, LPIPS) and "vgg16-397923af.pth" in model.variant
-    x, y = _images(6, 1, 16), _images(7, 1, 16)
+    x, y = random_images(6, 1, 16), random_images(7, 1, 16)
     torch.testing.assert_close(model(x, y), reference(x, y))
     assert trunk_key("vgg", 28) == "net.slice5.28" and trunk_key("vgg", 3) == "net.slice1.3"
     del torchvision["features.28.bias"]
@@ -190,7 +187,7 @@ def test_lpips_alex_reproduces_the_published_values(tmp_path):
 
 def test_fallback_keeps_float32_under_autocast():
     model = build_perceptual(PerceptualConfig(kind="fallback"))
-    x, y = _images(8, size=64), _images(9, size=64)
+    x, y = random_images(8, size=64), random_images(9, size=64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(x, y)
     assert low.dtype == torch.float32

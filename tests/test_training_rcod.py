@@ -4,7 +4,6 @@ trainable sets, a few real steps of both configs, and the bundles in the nodes a
 
 from __future__ import annotations
 
-import csv
 import shutil
 
 import pytest
@@ -28,9 +27,12 @@ from training.schema import ConfigError
 from training.trainer import Trainer
 from training_support import (  # noqa: F401 (fixture)
     REPO,
+    changed_keys,
     image_folder,
     isolated_training,
+    logged_rows,
     one_thread,
+    random_images,
     reset_accelerate,
     run_trainer,
     tiny_overrides,
@@ -68,10 +70,6 @@ def method(tmp_path):
     return Trainer(rcod_config(tmp_path, image_folder(tmp_path / "hq", 2))).method
 
 
-def _images(seed: int, batch: int = 2, size: int = 64) -> torch.Tensor:
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
 def _with_cosine(z_hq: torch.Tensor, cosines: list[float]) -> torch.Tensor:
     """Latents whose flattened cosine to z_hq (B, ...) is ``cosines[i]`` (B values): a·ẑ_H + b·u with u ⟂ ẑ_H."""
     flat = z_hq.flatten(1)
@@ -104,7 +102,7 @@ def test_configs_carry_the_spec_defaults_round_trip_and_refuse_bad_values():
 
 def test_ldg_rule_groups_each_sample_by_its_latent_cosine(method):
     """Eq. 5–6 with k = 250, n = 3, M_min = 0.25, M_max = 1: [0.75, 1] -> 250, [0.5, 0.75) -> 500, else 750."""
-    hq = _images(1, batch=4)
+    hq = random_images(1, batch=4)
     noise = latent_noise(hq, 4, torch.Generator().manual_seed(2))
     with torch.no_grad():
         z_hq = sample_latent(method.generator.vae, hq, noise)
@@ -115,7 +113,7 @@ def test_ldg_rule_groups_each_sample_by_its_latent_cosine(method):
 
 
 def test_generator_is_the_standard_x0_at_t_with_vpim_tokens_and_no_noise(method):
-    lq = _images(3)
+    lq = random_images(3)
     noise = latent_noise(lq, 4, torch.Generator().manual_seed(4))
     tokens = method.tokens(lq)
     expected_tokens = method.tower(pixel_values=preprocess(lq, method.vpim.config)).last_hidden_state
@@ -145,7 +143,7 @@ def test_das_draws_the_vsd_timestep_around_each_samples_level(method):
 def test_teacher_guidance_with_a_text_negative_against_visual_tokens(method):
     """SPEC §6.3 [RECON]: c_neg is the text embedding of the negative prompt (77 tokens), c_pos the VPIM tokens
     (50 here); ε_real = ε(c_neg) + s (ε(c_pos) − ε(c_neg)) with the frozen teacher."""
-    cond = method.vpim(method.tokens(_images(5)))  # (2, 50, 32)
+    cond = method.vpim(method.tokens(random_images(5)))  # (2, 50, 32)
     negative = method.negative_condition(cond)
     assert negative.shape == (2, 77, 32) and torch.equal(negative[1], method.prompts([method.cfg.negative_prompt])[0])
     scores = ScoreModels(teacher=method.teacher, regulariser=method.regulariser, schedule=method.components.schedule)
@@ -177,16 +175,13 @@ def test_trainable_set_is_osediffs_plus_the_vpim_linear(tmp_path):
 
 def test_a_few_steps_train_every_term_and_validate(trained):
     trainer, before, _, _, _, _, tmp = trained
-    after = trainer.state.capture()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    changed = changed_keys(trainer, before)
     assert {"vpim.proj.weight", "vpim.proj.bias"} <= changed
     assert any(".lora_B." in k and k.startswith("generator.") for k in changed)
     assert any("conv_in.base_layer" in k for k in changed) and any(k.startswith("regulariser.") for k in changed)
-    with open(tmp / "run" / "train_log.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3]
-    for row in rows:
-        terms = {k: float(row[k]) for k in ("loss_l2", "loss_lpips", "loss_vsd", "loss_reg", "loss_g")}
+    names = ("loss_l2", "loss_lpips", "loss_vsd", "loss_reg", "loss_g")
+    for row in logged_rows(tmp / "run", names, 3, val_images=1):
+        terms = {k: float(row[k]) for k in names}
         # L_G = MSE + λ1 LPIPS + λ2 VSD with the [RECON] (1, 2, 1)
         assert terms["loss_g"] == pytest.approx(terms["loss_l2"] + 2 * terms["loss_lpips"] + terms["loss_vsd"],
                                                 rel=1e-4)
@@ -205,7 +200,7 @@ def test_rcod_bundle_reproduces_the_trained_generator(trained):
     assert meta.hyperparameters["vpim"]["vision_dim"] == 1024 and meta.hyperparameters["vpim"]["cond_dim"] == 32
     apply_bundle(components, bundle)
     vpim = load_method_modules(components, bundle)["vpim"]
-    lq = _images(8)
+    lq = random_images(8)
     tokens = method.tokens(lq)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
     t = torch.tensor([250.0, 750.0])
@@ -223,10 +218,9 @@ def test_mem_stage_trains_only_mem_on_the_true_metric(trained):
     mem = mem_trainer.method
     assert [p.name for p in mem_trainer.phases] == ["mem"] and list(mem_trainer.modules) == ["mem"]
     assert {id(p) for p in mem_trainer.state.parameters} == {id(p) for p in mem.mem.parameters()}
-    after = mem_trainer.state.capture()
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert changed_keys(mem_trainer, before)
     # the frozen encoder is the trained RCOD encoder (its LoRA merged)
-    x = _images(11)
+    x = random_images(11)
     with torch.no_grad():
         trained_moments = method.generator.vae.quant_conv(method.generator.vae.encoder(x))
         frozen_moments = mem.components.vae.quant_conv(mem.components.vae.encoder(x))
@@ -234,7 +228,7 @@ def test_mem_stage_trains_only_mem_on_the_true_metric(trained):
     assert not any(p.requires_grad for p in mem.components.vae.parameters())
     assert (tmp / "mem" / "run" / "val" / "step-00000002" / "000.png").is_file()  # the adaptive output
     # L_MEM = |MEM(z_L, tokens) - cos(z_L, z_H)| with z_L, z_H drawn as the phase draws them
-    batch = {"lq": _images(12), "hq": _images(13)}
+    batch = {"lq": random_images(12), "hq": random_images(13)}
     out = mem.phase_loss("mem", batch, {}, torch.Generator().manual_seed(3))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -273,7 +267,7 @@ def test_clip_vision_tower_from_a_comfyui_file_and_the_missing_path_error(tmp_pa
     save_file(state, str(tmp_path / "vit.safetensors"))
     loaded = load_vision_tower(str(tmp_path / "vit.safetensors"))
     assert (loaded.config.num_hidden_layers, loaded.config.patch_size, loaded.config.image_size) == (1, 32, 224)
-    pixels = preprocess(_images(14), VPIMConfig(cond_dim=32))
+    pixels = preprocess(random_images(14), VPIMConfig(cond_dim=32))
     torch.testing.assert_close(loaded(pixel_values=pixels).last_hidden_state,
                                tower(pixel_values=pixels).last_hidden_state)
     with pytest.raises(ValueError, match="`rcod.clip_vision` is empty"):

@@ -43,6 +43,11 @@ def image_folder(folder: Path, count: int, *, width: int = 80, height: int = 72,
 PERCEPTUAL_METHODS = ("osediff", "tadsr", "idas", "codsr_stage1", "codsr_stage2", "rcod")
 
 
+def random_images(seed: int, batch: int = 2, size: int = 64) -> torch.Tensor:
+    """Seeded uniform noise images (batch, 3, size, size) in [-1, 1], the models' pixel range."""
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
 def tiny_overrides(tmp: Path, hq_dir: Path, *extra: str, method: str = "osediff") -> list[str]:
     """Overrides of a shipped config for tiny models and 64 px crops, CPU, fp32, no workers, quiet. The perceptual
     networks get random AlexNet weights, so a test computes the same with or without the LPIPS weights in the cache
@@ -88,9 +93,9 @@ def run_trainer(config: TrainingConfig):
     return trainer, before, bundle
 
 
-def logged_rows(run_dir: str | Path, terms: tuple[str, ...], steps: int) -> list[dict[str, str]]:
+def logged_rows(run_dir: str | Path, terms: tuple[str, ...], steps: int, val_images: int = 2) -> list[dict[str, str]]:
     """The rows of ``train_log.csv``, after checking one per step 1..``steps`` and every term present, not NaN;
-    and that validation scored images 000 and 001 (``validated`` on two images)."""
+    and that the validation after the last step scored ``val_images`` images (000, 001, ...) and their mean."""
     run_dir = Path(run_dir)
     with open(run_dir / "train_log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -98,8 +103,15 @@ def logged_rows(run_dir: str | Path, terms: tuple[str, ...], steps: int) -> list
     for term in terms:
         assert all(float(r[term]) == float(r[term]) for r in rows), term  # present and not NaN
     with open(run_dir / "val_metrics.csv", newline="") as handle:
-        assert [r["image"] for r in csv.DictReader(handle)] == ["000", "001", "mean"]
+        assert [r["image"] for r in csv.DictReader(handle)] == [f"{i:03d}" for i in range(val_images)] + ["mean"]
     return rows
+
+
+def changed_keys(trainer, before: dict[str, torch.Tensor]) -> set[str]:
+    """The checkpointed tensors of ``trainer`` that differ from ``before``, after checking all are finite."""
+    after = trainer.state.capture()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    return {k for k in before if not torch.equal(before[k], after[k])}
 
 
 def run_bundle_workflow(comfy, models_dir: Path, input_dir: Path, bundle: Path, workflow: str,

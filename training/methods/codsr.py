@@ -26,7 +26,7 @@ from osd_core.adapters import CONV_IN_PREFIX, collect_bundle_tensors
 from osd_core.bundle import BundleMeta
 from osd_core.method_modules import bundle_tensors
 from training.losses.gan import DiscriminatorConfig, discriminator_loss, generator_loss
-from training.methods.base import Phase, PhaseOutput
+from training.methods.base import PhaseOutput
 from training.methods.codsr_generator import CODSRDraws, CODSRGenerator, build_lqfm, check_timesteps, codsr_meta, draw
 from training.methods.osediff import OSEDiff, OSEDiffConfig
 from training.methods.sd_lora import conv_in_base
@@ -95,7 +95,6 @@ class CODSRStage1(CODSRBase):
 
     def __init__(self, config, components, context) -> None:
         super().__init__(config, components, context)
-        self.discriminator = None
         if self.cfg.lambda_gan > 0:
             self.discriminator = seeded_discriminator(self.cfg.discriminator, context.init_generator, context.device)
 
@@ -104,18 +103,6 @@ class CODSRStage1(CODSRBase):
         conv_in_base(components.unet).requires_grad_(self.cfg.train_conv_in)
         self.lqfm = build_lqfm(components.unet, context.init_generator).to(context.device).requires_grad_(True)
         return CODSRGenerator(components.unet, components.vae, self.lqfm, components.schedule)
-
-    def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        modules = super().trainable_modules()
-        if self.discriminator is not None:
-            modules["discriminator"] = self.discriminator
-        return modules
-
-    def phases(self) -> list[Phase]:
-        phases = super().phases()
-        if self.discriminator is not None:
-            phases.append(Phase("discriminator", {"discriminator": list(self.discriminator.parameters())}))
-        return phases
 
     def student(self, batch: dict, cond: torch.Tensor, carry: dict, generator: torch.Generator):
         z_hat, x_hat = super().student(batch, cond, carry, generator)

@@ -158,7 +158,6 @@ class IDaS(OSEDiff):
 
     def __init__(self, config, components, context) -> None:
         super().__init__(config, components, context)
-        self.discriminator = None
         if self.cfg.use_lgan:
             _check_latent_size(config.data.crop_size, components.vae, self.cfg.discriminator)
             self.discriminator = seeded_discriminator(self.cfg.discriminator, context.init_generator, context.device)
@@ -178,20 +177,12 @@ class IDaS(OSEDiff):
             conv_in_base(components.unet).requires_grad_(False)
         return IDaSGenerator(components.unet, components.vae, self.mine, components.schedule, c)
 
-    def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        modules = super().trainable_modules()
-        if self.discriminator is not None:
-            modules["discriminator"] = self.discriminator
-        return modules
-
     def phases(self) -> list[Phase]:
         phases = super().phases()
         mine = list(self.mine.parameters())
         ids = {id(p) for p in mine}
         lora = [p for p in phases[0].groups["generator"] if id(p) not in ids]
         phases[0] = Phase("generator", {"generator": lora, "mine": mine})
-        if self.discriminator is not None:
-            phases.append(Phase("discriminator", {"discriminator": list(self.discriminator.parameters())}))
         return phases
 
     def _steering(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:

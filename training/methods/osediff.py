@@ -102,6 +102,9 @@ class OSEDiff(Method):
         c, lora = self.cfg, config.lora
         base_unet = components.unet  # before any LoRA: the teacher and the regulariser start from it
         self.teacher = self.regulariser = self.scores = None
+        # an adversarial method (IDaS-SR, CODSR stage 1) sets its discriminator after this constructor; it is then a
+        # trainable module with its own optimiser, the last phase ("discriminator", whose loss the method gives)
+        self.discriminator: torch.nn.Module | None = None
         if c.lambda_vsd > 0:
             # SPEC §2: the real score is the frozen SD U-Net (weight dtype), the fake score SD + LoRA (float32)
             self.teacher = self.build_teacher(base_unet)
@@ -161,6 +164,8 @@ class OSEDiff(Method):
         modules = {"generator": self.generator}
         if self.regulariser is not None:
             modules["regulariser"] = self.regulariser
+        if self.discriminator is not None:
+            modules["discriminator"] = self.discriminator
         return modules
 
     def phases(self) -> list[Phase]:
@@ -168,6 +173,8 @@ class OSEDiff(Method):
         phases = [Phase("generator", {"generator": params})]
         if self.regulariser is not None:
             phases.append(Phase("regulariser", {"regulariser": self.regulariser_params}))
+        if self.discriminator is not None:
+            phases.append(Phase("discriminator", {"discriminator": list(self.discriminator.parameters())}))
         return phases
 
     def bind(self, prepared: dict[str, torch.nn.Module]) -> None:
